@@ -1,0 +1,35 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install into it first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build found locally; on GPU nodes use e.g. TORCH_SPEC="torch==2.13.0" from the CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	# DeepSpeed compiles against the torch above; build isolation would fetch a second (CUDA) torch.
+	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.19"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(BIN)/harness demo
+
+test: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q --durations=10
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf artifacts results .pytest_cache

@@ -1,0 +1,222 @@
+"""Read BehaviorBench files (JSONL, Parquet, or a directory of them), validating every row.
+
+Problems are reported as ``PATH:LINE: field: message`` (LINE is the row number for Parquet),
+for the whole file, never stopping at the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from harness.bench.records import check_row, normalize_row
+from harness.bench.taxonomy import Taxonomy, load_taxonomy
+from harness.errors import DataError
+
+if TYPE_CHECKING:
+    import ray.data
+
+SUFFIXES = (".jsonl", ".parquet")
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The data files at `path`: the file itself, or every .jsonl/.parquet under a directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise DataError([], f"{path}: no .jsonl or .parquet files in this directory")
+        return files
+    if not path.exists():
+        raise DataError([], f"{path}: no such file or directory")
+    if path.suffix not in SUFFIXES:
+        raise DataError([], f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+    return [path]
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line, row or None, raw text or parse error) for every row of one file, streaming."""
+    if path.suffix == ".parquet":
+        line = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                line += 1
+                yield line, row, ""
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield line, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                continue
+            if not isinstance(row, dict):
+                yield line, None, f"expected a JSON object, got {type(row).__name__}"
+                continue
+            yield line, row, text
+
+
+@dataclass
+class ScanResult:
+    """What one pass over the data found: problems, rejected rows, and counts of the good ones."""
+
+    files: list[Path]
+    problems: list[str] = field(default_factory=list)
+    rejected_lines: int = 0
+    good_rows: int = 0
+    counts: Counter = field(default_factory=Counter)
+
+
+def _scan(path: str | Path, taxonomy: Taxonomy, on_good=None, on_bad=None) -> ScanResult:
+    result = ScanResult(files=data_files(path))
+    seen: dict[str, str] = {}
+    for file in result.files:
+        for line, row, raw in _raw_rows(file):
+            where = f"{file}:{line}"
+            if row is None:
+                issues = [("<row>", raw)]
+            else:
+                issues = check_row(row, taxonomy)
+                task_id = row.get("task_id")
+                if isinstance(task_id, str) and task_id:
+                    if task_id in seen:
+                        issues.append(("task_id", f"duplicate task_id {task_id!r} (first at {seen[task_id]})"))
+                    elif not issues:
+                        seen[task_id] = where
+            if issues:
+                result.rejected_lines += 1
+                result.problems += [f"{where}: {name}: {message}" for name, message in issues]
+                if on_bad is not None:
+                    on_bad(where, issues, row if row is not None else raw)
+                continue
+            good = normalize_row(row)
+            result.good_rows += 1
+            result.counts[(good["split"], good["task_type"], good["category"])] += 1
+            if on_good is not None:
+                on_good(good)
+    return result
+
+
+def validate(path: str | Path, taxonomy: Taxonomy | None = None) -> ScanResult:
+    """Check every row of every file at `path`; the result lists all problems."""
+    return _scan(path, taxonomy or load_taxonomy())
+
+
+def summary_frame(result: ScanResult) -> pd.DataFrame:
+    """Counts of valid tasks per split, task type and category."""
+    rows = [{"split": s, "task_type": t, "category": c, "tasks": n} for (s, t, c), n in sorted(result.counts.items())]
+    return pd.DataFrame(rows, columns=["split", "task_type", "category", "tasks"])
+
+
+class _Rejects:
+    """Writes rejected rows, with their problems, to a JSONL file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.handle = None
+
+    def __call__(self, where: str, issues: list[tuple[str, str]], row: Any) -> None:
+        if self.path is None:
+            return
+        if self.handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = self.path.open("w", encoding="utf-8")
+        record = {"source": where, "problems": [f"{n}: {m}" for n, m in issues], "row": row}
+        self.handle.write(json.dumps(record, default=str) + "\n")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def _refuse(result: ScanResult, path: str | Path) -> None:
+    raise DataError(
+        result.problems,
+        f"{path}: {len(result.problems)} problem(s) in {result.rejected_lines} row(s); "
+        "fix them or pass skip_bad_rows to skip those rows (written to a rejects file)",
+    )
+
+
+def load_tasks(
+    path: str | Path,
+    taxonomy: Taxonomy | None = None,
+    *,
+    skip_bad_rows: bool = False,
+    rejects_path: str | Path | None = None,
+    split: str | None = None,
+) -> pd.DataFrame:
+    """All valid tasks at `path` as a frame; refuses a file with bad rows unless `skip_bad_rows`."""
+    rows: list[dict[str, Any]] = []
+    rejects = _Rejects(Path(rejects_path) if rejects_path else None)
+    try:
+        result = _scan(path, taxonomy or load_taxonomy(), on_good=rows.append, on_bad=rejects)
+    finally:
+        rejects.close()
+    if result.problems and not skip_bad_rows:
+        _refuse(result, path)
+    frame = pd.DataFrame(rows)
+    if split is not None and len(frame):
+        frame = frame[frame["split"] == split].reset_index(drop=True)
+    frame.attrs["rejected_rows"] = result.rejected_lines
+    return frame
+
+
+def load_dataset(
+    path: str | Path,
+    taxonomy: Taxonomy | None = None,
+    *,
+    skip_bad_rows: bool = False,
+    rejects_path: str | Path | None = None,
+    clean_dir: str | Path | None = None,
+) -> ray.data.Dataset:
+    """The tasks at `path` as a streaming `ray.data.Dataset` (no process holds them all).
+
+    One streaming validation pass runs first. With bad rows and `skip_bad_rows`, the good rows are
+    streamed into a clean JSONL copy under `clean_dir` and the rejects to `rejects_path`.
+    """
+    import ray.data
+
+    taxonomy = taxonomy or load_taxonomy()
+    result = validate(path, taxonomy)
+    files = result.files
+    if result.problems:
+        if not skip_bad_rows:
+            _refuse(result, path)
+        clean = Path(clean_dir or Path(rejects_path or "rejects.jsonl").parent) / "clean.jsonl"
+        clean.parent.mkdir(parents=True, exist_ok=True)
+        rejects = _Rejects(Path(rejects_path) if rejects_path else None)
+        with clean.open("w", encoding="utf-8") as handle:
+            try:
+                _scan(path, taxonomy, on_good=lambda row: handle.write(json.dumps(row) + "\n"), on_bad=rejects)
+            finally:
+                rejects.close()
+        files = [clean]
+    jsonl = [str(f) for f in files if f.suffix == ".jsonl"]
+    parquet = [str(f) for f in files if f.suffix == ".parquet"]
+    parts = []
+    if jsonl:
+        parts.append(ray.data.read_text(jsonl).map(lambda r: normalize_row(json.loads(r["text"]))))
+    if parquet:
+        parts.append(ray.data.read_parquet(parquet).map(normalize_row))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short content hash of the data at `path` (for leaderboards and caches)."""
+    digest = hashlib.sha256()
+    for file in data_files(path):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,105 @@
+"""The BehaviorBench taxonomy: behaviors, task types and categories, loaded from YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from harness.errors import ConfigError
+
+DEFAULT_TAXONOMY = Path(__file__).with_name("taxonomy.yaml")
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    task_type: str
+    behaviors: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    behaviors: tuple[str, ...]
+    task_types: dict[str, str]
+    categories: dict[str, Category]
+    source: str
+
+    def category(self, name: str) -> Category:
+        return self.categories[name]
+
+    def behavior_of_type(self, task_type: str) -> str:
+        return self.task_types[task_type]
+
+    def behavior_of_category(self, category: str) -> str:
+        return self.categories[category].behaviors[0]
+
+    def labels(self, granularity: str) -> tuple[str, ...]:
+        """Label set of a granularity: `behavior`, `task_type` or `category`."""
+        if granularity == "behavior":
+            return self.behaviors
+        if granularity == "task_type":
+            return tuple(self.task_types)
+        if granularity == "category":
+            return tuple(self.categories)
+        raise ValueError(f"unknown granularity {granularity!r} (known: behavior, task_type, category)")
+
+    def label_of(self, granularity: str, category: str, gold_behavior: str) -> str:
+        """The gold label of a task at a granularity."""
+        if granularity == "behavior":
+            return gold_behavior
+        if granularity == "task_type":
+            return self.categories[category].task_type
+        self.labels(granularity)
+        return category
+
+    def behavior_of_label(self, granularity: str, label: str) -> str:
+        """Map a label of any granularity back to the behavior it selects."""
+        if granularity == "behavior":
+            return label
+        if granularity == "task_type":
+            return self.behavior_of_type(label)
+        self.labels(granularity)
+        return self.behavior_of_category(label)
+
+
+def _mapping(value: object, where: str) -> dict:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where}: expected a non-empty mapping")
+    return value
+
+
+@cache
+def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
+    """Read and check a taxonomy file; errors name the file and the key."""
+    path = Path(path or DEFAULT_TAXONOMY)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read taxonomy: {exc}") from None
+    raw = _mapping(raw, str(path))
+    unknown = set(raw) - {"behaviors", "task_types", "categories"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
+    behaviors = tuple(_mapping(raw.get("behaviors"), f"{path}: behaviors"))
+    task_types: dict[str, str] = {}
+    for name, spec in _mapping(raw.get("task_types"), f"{path}: task_types").items():
+        behavior = _mapping(spec, f"{path}: task_types.{name}").get("behavior")
+        if behavior not in behaviors:
+            raise ConfigError(f"{path}: task_types.{name}.behavior: {behavior!r} is not one of {behaviors}")
+        task_types[name] = behavior
+    categories: dict[str, Category] = {}
+    for name, spec in _mapping(raw.get("categories"), f"{path}: categories").items():
+        spec = _mapping(spec, f"{path}: categories.{name}")
+        task_type = spec.get("type")
+        if task_type not in task_types:
+            raise ConfigError(f"{path}: categories.{name}.type: {task_type!r} is not one of {list(task_types)}")
+        labels = tuple(spec.get("behaviors") or (task_types[task_type],))
+        bad = [b for b in labels if b not in behaviors]
+        if bad:
+            raise ConfigError(f"{path}: categories.{name}.behaviors: unknown behavior(s) {bad}")
+        categories[name] = Category(name, task_type, labels, str(spec.get("description", "")))
+    return Taxonomy(behaviors, task_types, categories, str(path))

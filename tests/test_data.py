@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.bench import fingerprint, load_dataset, load_tasks, validate
+from harness.bench.synth import generate, write_sample
+from harness.errors import DataError
+
+from .conftest import BAD_DIR
+
+
+def _expected(path: Path) -> list[tuple[int, str]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        number, rest = line.split(": ", 1)
+        rows.append((int(number), rest))
+    return rows
+
+
+def test_validate_reports_every_problem_of_a_bad_file_line_by_line():
+    bad = BAD_DIR / "mixed.jsonl"
+    result = validate(bad)
+    expected = _expected(BAD_DIR / "mixed.expected")
+    assert len(result.problems) == len(expected)
+    for problem, (line, text) in zip(result.problems, expected, strict=True):
+        assert problem.startswith(f"{bad}:{line}: "), problem
+        assert text in problem, (problem, text)
+    assert result.good_rows == 2  # ok-1 and ok-13
+    assert result.rejected_lines == 11
+
+
+def test_cli_validate_exit_codes_and_output(sample: Path):
+    bad = BAD_DIR / "mixed.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "data", "validate", str(bad)], capture_output=True, text=True
+    )
+    assert run.returncode == 1
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 15 and all(line.startswith(f"{bad}:") for line in lines)
+    assert "Traceback" not in run.stderr and "15 problem(s) in 11 row(s)" in run.stderr
+    good = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "data", "validate", str(sample)], capture_output=True, text=True
+    )
+    assert good.returncode == 0, good.stderr
+    assert "400 valid tasks" in good.stdout and "risk_identification" in good.stdout
+
+
+def test_loading_refuses_a_bad_file_unless_asked_to_skip(tmp_path: Path):
+    bad = BAD_DIR / "mixed.jsonl"
+    with pytest.raises(DataError) as info:
+        load_tasks(bad)
+    assert len(info.value.problems) == 15
+    rejects = tmp_path / "rejects.jsonl"
+    frame = load_tasks(bad, skip_bad_rows=True, rejects_path=rejects)
+    assert list(frame["task_id"]) == ["ok-1", "ok-13"]
+    assert frame.attrs["rejected_rows"] == 11
+    rejected = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert len(rejected) == 11
+    assert rejected[0]["source"] == f"{bad}:2"
+    assert rejected[5]["row"]["task_id"] == "ok-1"  # the duplicate, kept whole
+
+
+def test_missing_path_and_wrong_suffix_are_clear(tmp_path: Path):
+    with pytest.raises(DataError, match="no such file"):
+        validate(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        validate(tmp_path / "x.csv")
+
+
+def test_parquet_and_directories_load_like_jsonl(sample: Path, tmp_path: Path):
+    frame = load_tasks(sample)
+    frame.iloc[:150].to_parquet(tmp_path / "a.parquet")
+    frame.iloc[150:].to_json(tmp_path / "b.jsonl", orient="records", lines=True)
+    both = load_tasks(tmp_path)
+    pd.testing.assert_frame_equal(both, frame)
+    assert list(load_tasks(sample, split="dev")["split"].unique()) == ["dev"]
+
+
+def test_parquet_problems_name_the_row(tmp_path: Path):
+    rows = [r.to_row() for r in generate(5, seed=1)]
+    rows[3]["category"] = "unknown_thing"
+    pd.DataFrame(rows).to_parquet(tmp_path / "t.parquet")
+    result = validate(tmp_path / "t.parquet")
+    assert result.problems == [
+        f"{tmp_path / 't.parquet'}:4: category: unknown category 'unknown_thing' "
+        f"(taxonomy {result.problems[0].split('(taxonomy ')[1][:-1]})"
+    ]
+
+
+def test_ray_dataset_streams_the_same_tasks(sample: Path, tmp_path: Path, ray_local):
+    ds = load_dataset(sample)
+    rows = sorted(ds.take_all(), key=lambda r: r["task_id"])
+    frame = load_tasks(sample)
+    assert [r["task_id"] for r in rows] == sorted(frame["task_id"])
+    assert rows[0]["messages"] == frame.sort_values("task_id").iloc[0]["messages"]
+    with pytest.raises(DataError):
+        load_dataset(BAD_DIR / "mixed.jsonl")
+    skipped = load_dataset(BAD_DIR / "mixed.jsonl", skip_bad_rows=True, rejects_path=tmp_path / "r.jsonl")
+    assert sorted(r["task_id"] for r in skipped.take_all()) == ["ok-1", "ok-13"]
+
+
+def test_sample_is_deterministic_and_covers_the_taxonomy(tmp_path: Path):
+    a = write_sample(tmp_path / "a", tasks=3000, seed=3).read_bytes()
+    b = write_sample(tmp_path / "b", tasks=3000, seed=3).read_bytes()
+    assert a == b
+    assert write_sample(tmp_path / "c", tasks=3000, seed=4).read_bytes() != a
+    frame = load_tasks(tmp_path / "a" / "tasks.jsonl")
+    assert len(frame) == 3000
+    assert frame.groupby("split")["category"].nunique().to_dict() == {"dev": 13, "test": 13, "train": 13}
+    assert 0.15 < frame["hard"].mean() < 0.35
+    assert set(frame.groupby("hard")["split"].nunique()) == {3}
+    # Cases never straddle splits, so no case leaks from train into test.
+    assert frame.groupby("case_id")["split"].nunique().max() == 1
+    hard = frame[frame["hard"]]["messages"].map(len).mean()
+    assert hard > frame[~frame["hard"]]["messages"].map(len).mean() + 1.5
+    assert fingerprint(tmp_path / "a" / "tasks.jsonl") != fingerprint(tmp_path / "c" / "tasks.jsonl")
+
+
+def test_labels_are_not_keyed_on_the_request(tmp_path: Path):
+    """Proactive tasks and their restraint twins share their requests: the label is in the case facts."""
+    frame = load_tasks(write_sample(tmp_path, tasks=3000, seed=0))
+    request = frame["messages"].map(lambda m: m[-1]["content"].split(": ", 1)[1].split(" ")[0])
+    mixed = frame.assign(first_word=request).groupby("first_word")["gold_behavior"].nunique()
+    share = frame.assign(first_word=request)[lambda f: f["first_word"].isin(mixed[mixed > 1].index)]
+    assert share["task_type"].isin(["proactive", "restraint"]).mean() > 0.5
+    assert len(share) > 0.3 * len(frame)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +20,11 @@ app = typer.Typer(
     help="Train (BehaviorSFT) and benchmark clinical agents on BehaviorBench with Ray.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Make and check BehaviorBench data.")
+model_app = typer.Typer(no_args_is_help=True, help="Make the embedded tiny model.")
+board_app = typer.Typer(no_args_is_help=True, help="Show and export Parquet leaderboards.")
 app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+app.add_typer(board_app, name="leaderboard")
 console = Console(width=None if sys.stdout.isatty() else 160)
 TaxonomyOption = Annotated[Path | None, typer.Option(help="Taxonomy YAML replacing the built-in one.")]
 
@@ -73,6 +78,124 @@ def data_validate(
         )
         raise typer.Exit(1)
     print_frame(summary_frame(result), title=f"{path}: {result.good_rows} valid tasks")
+
+
+@model_app.command("make-tiny")
+def model_make_tiny(
+    data: Annotated[Path, typer.Option(help="BehaviorBench file to train the tokenizer on.")] = Path(
+        "artifacts/data/tasks.jsonl"
+    ),
+    out: Annotated[Path, typer.Option(help="Directory for the Hugging Face model.")] = Path("artifacts/tiny-qwen2"),
+    seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
+) -> None:
+    """Write the tiny Qwen2-architecture model (random init) with a locally trained tokenizer."""
+    from harness.model import make_tiny
+
+    path = make_tiny(data, out, seed=seed)
+    console.print(f"tiny model written to {path}", highlight=False)
+
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+OverridesArgument = Annotated[list[str] | None, typer.Argument(help="Overrides as dotted.key=value.")]
+
+
+@app.command()
+def train(config: ConfigOption = None, overrides: OverridesArgument = None) -> None:
+    """Train BehaviorSFT (or SFT) on Ray Train + DeepSpeed; re-running the same run name resumes."""
+    from harness import config as configs
+    from harness.train import TrainConfig
+    from harness.train import train as run_training
+
+    cfg = configs.load(TrainConfig, config, overrides or [])
+    result = run_training(cfg)
+    shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    console.print(f"final model: {result.final_model}\nmetrics: {shown}", highlight=False)
+
+
+@app.command("eval")
+def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -> None:
+    """Evaluate the config's agents in parallel with Ray Data; resumable; updates the leaderboard."""
+    from harness import config as configs
+    from harness import leaderboard
+    from harness.evaluate import EvalConfig
+    from harness.evaluate import evaluate as run_evaluation
+
+    cfg = configs.load(EvalConfig, config, overrides or [])
+    with progress_bars() as update:
+        run_evaluation(cfg, progress=update)
+    print_frame(leaderboard.ranking(leaderboard.read(cfg.leaderboard)), title=f"leaderboard: {cfg.leaderboard}")
+
+
+@contextmanager
+def progress_bars():
+    """A progress callback (agent, tasks just done, tasks to do) drawing one bar per agent."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars: dict[str, int] = {}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+
+        def update(agent: str, done: int, total: int) -> None:
+            if agent not in bars:
+                bars[agent] = progress.add_task(agent, total=total)
+            progress.advance(bars[agent], done)
+
+        yield update
+
+
+@app.command()
+def score(
+    predictions: Annotated[
+        Path,
+        typer.Argument(
+            help="Parquet with task_id, category, task_type, gold_behavior, pred_behavior (and optionally hard)."
+        ),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs (0: none).")] = 1000,
+) -> None:
+    """Recompute the metrics of a predictions file."""
+    import pandas as pd
+
+    from harness.metrics import score as score_predictions
+
+    if not predictions.exists():
+        raise HarnessError(f"{predictions}: no such file")
+    try:
+        table = score_predictions(pd.read_parquet(predictions), samples=bootstrap)
+    except ValueError as exc:
+        raise HarnessError(f"{predictions}: {exc}") from None
+    if as_json:
+        print(table.to_json(orient="records", indent=2))
+    else:
+        print_frame(table, title=f"{predictions}: behavior selection")
+
+
+@board_app.command("show")
+def leaderboard_show(
+    path: Annotated[Path, typer.Option(help="The leaderboard Parquet file.")] = Path("results/leaderboard.parquet"),
+    fmt: Annotated[str, typer.Option("--format", help="table, md, csv or html.")] = "table",
+    out: Annotated[Path | None, typer.Option(help="Write the export here instead of stdout.")] = None,
+) -> None:
+    """Print the ranking (overall, reactive, proactive, restraint, hard), or export it."""
+    from harness import leaderboard
+
+    if not path.exists():
+        raise HarnessError(f"{path}: no leaderboard yet (run `harness eval` first)")
+    table = leaderboard.ranking(leaderboard.read(path))
+    if fmt == "table":
+        print_frame(table, title=f"leaderboard: {path} (Macro F1)")
+        return
+    if fmt not in ("md", "csv", "html"):
+        raise HarnessError(f"--format: {fmt!r} is not one of table, md, csv, html")
+    text = leaderboard.render(table, fmt)
+    if out is None:
+        print(text, end="")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        console.print(f"wrote {out}", highlight=False)
 
 
 @app.command()

@@ -25,3 +25,11 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(sample, tmp_path_factory) -> Path:
+    """The tiny Qwen2 with a tokenizer trained on the sample, saved like any Hugging Face model."""
+    from harness.model import make_tiny
+
+    return make_tiny(sample, tmp_path_factory.mktemp("models") / "tiny-qwen2")

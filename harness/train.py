@@ -1,0 +1,433 @@
+"""BehaviorSFT (and the standard SFT baseline) as a Ray Train `TorchTrainer` over DeepSpeed.
+
+The driver validates the config and data, tokenizes with Ray Data, and starts the trainer; each
+worker runs `train_loop_per_worker`: build the model, apply the token design, wrap LoRA, call
+`deepspeed.initialize`, train on its Ray Data shard, and report metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.bench.io import load_dataset
+from harness.bench.taxonomy import Taxonomy, load_taxonomy
+from harness.config import build, to_dict
+from harness.errors import ConfigError
+from harness.model import LoraSettings, ModelSettings, load_model, load_tokenizer, local_or_hub, wrap_lora
+from harness.prompts import encode_example, prompt_text, target_text
+from harness.tokens import TokenDesign
+
+TRAIN_MODES = ("behaviorsft", "sft")
+CONFIG_FILE = "train_config.yaml"
+BUCKET_BATCHES = 16  # length-bucketing window, in batches
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: int = 2
+    offload_optimizer: str | None = None  # "cpu" or "nvme" (ZeRO-Offload)
+    offload_param: str | None = None  # "cpu" or "nvme" (ZeRO-3 only)
+    config: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "behaviorsft-tiny"
+    mode: str = "behaviorsft"
+    data: str = "artifacts/data/tasks.jsonl"
+    taxonomy: str | None = None
+    skip_bad_rows: bool = False
+    model: ModelSettings = field(default_factory=ModelSettings)
+    design: TokenDesign = field(default_factory=TokenDesign)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    epochs: int = 3
+    batch_size: int = 8  # per worker, per micro-step
+    gradient_accumulation: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_length: int = 512
+    max_train_tasks: int | None = None
+    eval_max_tasks: int = 256
+    log_every: int = 10
+    checkpoint_every: int = 0  # micro-steps between checkpoints; 0: at the end of each epoch
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    storage_path: str = "artifacts/runs"
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRAIN_MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {list(TRAIN_MODES)}")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage: {self.deepspeed.zero_stage} is not 0, 1, 2 or 3")
+        for name in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+
+    def resolved(self) -> TrainConfig:
+        """This config with local paths made absolute (Ray workers run in another directory)."""
+        return replace(
+            self,
+            data=str(Path(self.data).resolve()),
+            taxonomy=str(Path(self.taxonomy).resolve()) if self.taxonomy else None,
+            storage_path=str(Path(self.storage_path).resolve()),
+            model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path)),
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path).resolve() / self.run_name
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_model: Path
+    metrics: dict[str, Any]
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
+    """The DeepSpeed config: ZeRO stage and offload, AdamW, warmup-decay schedule, bf16 on GPU."""
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer}
+    if cfg.deepspeed.offload_param:
+        zero["offload_param"] = {"device": cfg.deepspeed.offload_param}
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "train_batch_size": cfg.batch_size * cfg.gradient_accumulation * world_size,
+        "gradient_clipping": 1.0,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.learning_rate,
+                "warmup_num_steps": warmup,
+                "total_num_steps": max(total_steps, warmup + 1),
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.use_gpu and cfg.model.dtype in ("auto", "bfloat16")},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False
+    config.update(cfg.deepspeed.config)
+    return config
+
+
+def batches_per_epoch(rows_per_worker: int, batch_size: int) -> int:
+    """Micro-batches one worker sees per epoch with length bucketing (see `bucketed_batches`)."""
+    window = batch_size * BUCKET_BATCHES
+    full, rest = divmod(rows_per_worker, window)
+    return full * BUCKET_BATCHES + math.ceil(rest / batch_size)
+
+
+def bucketed_batches(shard, batch_size: int, pad_id: int, seed: int):
+    """Padded batches from a Ray Data shard: sort a window of rows by length, shuffle the batches."""
+    import numpy as np
+    import torch
+
+    rng = random.Random(seed)
+    for window in shard.iter_batches(batch_size=batch_size * BUCKET_BATCHES, batch_format="numpy"):
+        order = np.argsort([len(x) for x in window["input_ids"]], kind="stable")
+        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(groups)
+        for group in groups:
+            width = max(len(window["input_ids"][i]) for i in group)
+            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(group), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, i in enumerate(group):
+                n = len(window["input_ids"][i])
+                ids[row, :n] = torch.as_tensor(window["input_ids"][i])
+                labels[row, :n] = torch.as_tensor(window["labels"][i])
+                mask[row, :n] = 1
+            yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class Encode:
+    """Ray Data callable: task rows -> tokenized training examples (prompt masked) or eval prompts."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = build(TrainConfig, cfg)
+        self.taxonomy = load_taxonomy(self.cfg.taxonomy)
+        self.tokenizer = load_tokenizer(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code)
+        self.cfg.design.add_to_tokenizer(self.tokenizer, self.taxonomy)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        cfg, out = self.cfg, {"input_ids": [], "labels": [], "prompt_ids": [], "gold_behavior": []}
+        design = cfg.design if cfg.mode == "behaviorsft" else None
+        for i in range(len(batch["task_id"])):
+            row = {k: batch[k][i] for k in ("messages", "category", "gold_behavior", "reference")}
+            prompt = prompt_text(self.tokenizer, list(row["messages"]), cfg.mode, design, self.taxonomy)
+            example = encode_example(
+                self.tokenizer, prompt, target_text(row, cfg.mode, design, self.taxonomy), cfg.max_length
+            )
+            out["input_ids"].append(example["input_ids"])
+            out["labels"].append(example["labels"])
+            out["prompt_ids"].append(
+                [t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab == -100]
+            )
+            out["gold_behavior"].append(row["gold_behavior"])
+        return out
+
+
+def _sync_devices(use_gpu: bool) -> None:
+    # DeepSpeed picks its accelerator at import time; on CPU workers it must be told.
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _gathered(model, stage: int):
+    import deepspeed
+
+    return (
+        deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) if stage == 3 else nullcontext()
+    )
+
+
+def _save_model(model, tokenizer, cfg: TrainConfig, out: Path, merge: bool) -> None:
+    """A loadable Hugging Face directory: weights (or the LoRA adapter), tokenizer, design, config."""
+    to_save = model.merge_and_unload() if merge else model
+    to_save.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    cfg.design.save(out)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def evaluate_dev(module, tokenizer, cfg: TrainConfig, taxonomy: Taxonomy, dev: list[dict]) -> dict[str, float]:
+    """Dev loss and, for BehaviorSFT, Macro F1 of behavior selection from the behavior-token scores."""
+    import torch
+
+    from harness.metrics import macro_f1
+    from harness.scoring import label_scores
+
+    device = next(module.parameters()).device
+    losses, gold, pred = [], [], []
+    labels = cfg.design.label_token_ids(tokenizer, taxonomy)
+    names = taxonomy.labels(cfg.design.granularity)
+    module.eval()
+    with torch.no_grad():
+        for start in range(0, len(dev), cfg.batch_size):
+            chunk = dev[start : start + cfg.batch_size]
+            batch = next(bucketed_batches(_ListShard(chunk), len(chunk), tokenizer.pad_token_id, 0))
+            losses.append(module(**{k: v.to(device) for k, v in batch.items()}).loss.float().item())
+            if cfg.mode == "behaviorsft":
+                scores = label_scores(module, [list(r["prompt_ids"]) for r in chunk], labels, tokenizer.pad_token_id)
+                pred += [taxonomy.behavior_of_label(cfg.design.granularity, names[i]) for i in scores.argmax(1)]
+                gold += [r["gold_behavior"] for r in chunk]
+    module.train()
+    metrics = {"dev_loss": sum(losses) / max(len(losses), 1)}
+    if gold:
+        metrics["dev_macro_f1"] = macro_f1(gold, pred)
+    return metrics
+
+
+class _ListShard:
+    """A list of rows that iterates like a Ray Data shard (for dev batches)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        for start in range(0, len(self.rows), batch_size):
+            chunk = self.rows[start : start + batch_size]
+            yield {k: [r[k] for r in chunk] for k in ("input_ids", "labels")}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: DeepSpeed BehaviorSFT/SFT on this worker's shard, with resume."""
+    cfg = build(TrainConfig, config["train"])
+    _sync_devices(cfg.use_gpu)
+    import deepspeed
+    import ray.train
+    import torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed)
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.resources_per_worker.get("CPU", 1))))
+    taxonomy = load_taxonomy(cfg.taxonomy)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    model = load_model(cfg.model, cfg.use_gpu)
+    new_rows = cfg.design.apply(tokenizer, model, taxonomy) if cfg.mode == "behaviorsft" else []
+    model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = wrap_lora(model, cfg.lora, new_rows)
+    steps_per_epoch = config["steps_per_epoch"]
+    total_steps = steps_per_epoch * cfg.epochs // cfg.gradient_accumulation
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, world, total_steps),
+    )
+    state: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "initial": {}}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            _, client = engine.load_checkpoint(
+                str(Path(directory) / "deepspeed"), tag="state", load_module_strict=not cfg.lora.enabled
+            )
+        state.update({k: client[k] for k in state})
+        if rank == 0:
+            print(f"[harness] resuming {cfg.run_name} at epoch {state['epoch']} step {state['global_step']}")
+    dev = list(ray.train.get_dataset_shard("dev").iter_rows())[: cfg.eval_max_tasks]
+    shard = ray.train.get_dataset_shard("train")
+    if not state["initial"]:  # the untrained model's dev metrics, the baseline of this run
+        initial = evaluate_dev(engine.module, tokenizer, cfg, taxonomy, dev)
+        state["initial"] = {f"initial_{k}": v for k, v in initial.items()}
+
+    def save(metrics: dict[str, Any], final: bool) -> None:
+        metrics = {**metrics, **state["initial"], **evaluate_dev(engine.module, tokenizer, cfg, taxonomy, dev)}
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(
+                str(Path(tmp) / "deepspeed"),
+                tag="state",
+                client_state=dict(state),
+                exclude_frozen_parameters=cfg.lora.enabled,
+            )
+            with _gathered(engine.module, cfg.deepspeed.zero_stage):
+                if rank == 0:
+                    _save_model(engine.module, tokenizer, cfg, Path(tmp) / "model", merge=False)
+                    if final and cfg.lora.enabled:
+                        _save_model(engine.module, tokenizer, cfg, Path(tmp) / "merged", merge=True)
+            name = f"checkpoint_epoch{state['epoch']:03d}_step{state['global_step']:07d}"
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+    window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+    metrics: dict[str, Any] = {}
+    for epoch in range(state["epoch"], cfg.epochs):
+        state["epoch"] = epoch
+        skip = state["batch_in_epoch"]
+        for index, batch in enumerate(
+            bucketed_batches(shard, cfg.batch_size, tokenizer.pad_token_id, cfg.seed + epoch)
+        ):
+            if index < skip:
+                continue
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            state["batch_in_epoch"] = index + 1
+            state["global_step"] += 1
+            window_loss.append(loss.float().item())
+            window_tokens += int(batch["attention_mask"].sum())
+            last = state["batch_in_epoch"] == steps_per_epoch and epoch == cfg.epochs - 1
+            if state["global_step"] % cfg.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "loss": sum(window_loss) / len(window_loss),
+                    "tokens_per_s": window_tokens * world / elapsed,
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                    "step": state["global_step"],
+                }
+                window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+                if not (cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0) and not last:
+                    ray.train.report(metrics)
+            if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and not last:
+                save(metrics, final=False)
+        state["batch_in_epoch"] = 0
+        if epoch == cfg.epochs - 1:
+            state["epoch"] = cfg.epochs
+            save({**metrics, "done": True}, final=True)
+        elif not cfg.checkpoint_every:
+            state["epoch"] = epoch + 1
+            save(metrics, final=False)
+
+
+def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
+    """Validated, tokenized train and dev datasets (materialized) and the train row count."""
+    from ray.data import ActorPoolStrategy
+
+    tasks = load_dataset(
+        cfg.data,
+        load_taxonomy(cfg.taxonomy),
+        skip_bad_rows=cfg.skip_bad_rows,
+        rejects_path=cfg.run_dir / "rejects.jsonl",
+        clean_dir=cfg.run_dir,
+    )
+    encode = {"fn_constructor_kwargs": {"cfg": to_dict(cfg)}, "compute": ActorPoolStrategy(size=1), "batch_size": 64}
+    train = tasks.filter(lambda row: row["split"] == "train")
+    if cfg.max_train_tasks:
+        train = train.limit(cfg.max_train_tasks)
+    dev = tasks.filter(lambda row: row["split"] == "dev").limit(cfg.eval_max_tasks)
+    train = train.map_batches(Encode, **encode).materialize()
+    dev = dev.map_batches(Encode, **encode).materialize()
+    rows = train.count()
+    if rows < cfg.num_workers:
+        raise ConfigError(f"{cfg.data}: {rows} train task(s) for {cfg.num_workers} workers")
+    return {"train": train, "dev": dev}, rows
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run; return where its final Hugging Face model is."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = cfg.resolved()
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.use_gpu else None)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    datasets, rows = prepare_datasets(cfg)
+    steps_per_epoch = batches_per_epoch(rows // cfg.num_workers, cfg.batch_size)
+    score = ("dev_macro_f1", "max") if cfg.mode == "behaviorsft" else ("dev_loss", "min")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "steps_per_epoch": steps_per_epoch},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=dict(cfg.resources_per_worker)
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=str(Path(cfg.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    final = cfg.run_dir / "final"
+    with result.checkpoint.as_directory() as directory:
+        source = Path(directory) / ("merged" if cfg.lora.enabled else "model")
+        tmp = final.with_name("final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+    metrics = dict(result.metrics or {})
+    (cfg.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return TrainResult(cfg.run_dir, final, metrics)

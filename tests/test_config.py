@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+
+from harness import config
+from harness.errors import ConfigError
+from harness.train import TrainConfig
+
+
+def test_yaml_and_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: a\nepochs: 2\ndesign: {spelling: text}\nlora: {enabled: true}\n")
+    cfg = config.load(TrainConfig, path, ["epochs=5", "design.granularity=category", "learning_rate=1e-4"])
+    assert (cfg.run_name, cfg.epochs, cfg.learning_rate) == ("a", 5, 1e-4)
+    assert cfg.design.name == "category-text-assistant-phrase"
+    assert cfg.lora.enabled and cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        ("epochs: 2\nlearning_rat: 0.1\n", [], "c.yaml: learning_rat: unknown key"),
+        ("deepspeed: {zero: 2}\n", [], "c.yaml: deepspeed.zero: unknown key"),
+        ("epochs: two\n", [], "c.yaml: epochs: expected int, got 'two'"),
+        ("design: {spelling: emoji}\n", [], "design.spelling: 'emoji' is not one of"),
+        ("mode: dpo\n", [], "mode: 'dpo' is not one of"),
+        ("", ["deepspeed.zero_stage=4"], "zero_stage: 4 is not 0, 1, 2 or 3"),
+        ("", ["epochs"], "expected key=value"),
+        ("lora: [1]\n", [], "c.yaml: lora: expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path: Path, text, overrides, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(TrainConfig, path, overrides)
+    assert needle in str(info.value)

@@ -1,0 +1,40 @@
+from harness.bench import load_taxonomy
+from harness.model import load_tokenizer
+from harness.prompts import INSTRUCTIONS, conversation, encode_example, prompt_text, target_text
+from harness.tokens import TokenDesign
+
+MESSAGES = [
+    {"role": "system", "content": "You are a clinical assistant."},
+    {"role": "user", "content": "Dr. Reyes (attending): 70-year-old woman with cough."},
+    {"role": "user", "content": "Dr. Reyes: Please draft the order for amoxicillin 1000 mg three times daily."},
+]
+
+
+def test_consecutive_turns_merge_and_system_extras_append():
+    merged = conversation(MESSAGES, extra_system="Extra.")
+    assert [m["role"] for m in merged] == ["system", "user"]
+    assert merged[0]["content"].endswith("\nExtra.")
+    assert "70-year-old" in merged[1]["content"] and "amoxicillin" in merged[1]["content"]
+
+
+def test_prompt_masking_and_targets(tiny_model):
+    taxonomy = load_taxonomy()
+    tokenizer = load_tokenizer(str(tiny_model))
+    design = TokenDesign()
+    design.add_to_tokenizer(tokenizer, taxonomy)
+    row = {"category": "risk_identification", "gold_behavior": "proactive", "reference": "Caution: allergy."}
+    target = target_text(row, "behaviorsft", design, taxonomy)
+    assert target == "<behavior:proactive> Caution: allergy."
+    assert target_text(row, "sft", None, taxonomy) == "Caution: allergy."
+    prompt = prompt_text(tokenizer, MESSAGES, "behaviorsft", design, taxonomy)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    example = encode_example(tokenizer, prompt, target, max_length=512)
+    prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert example["labels"][:prompt_len] == [-100] * prompt_len
+    learned = example["labels"][prompt_len:]
+    assert learned == example["input_ids"][prompt_len:]
+    assert learned[0] == tokenizer.convert_tokens_to_ids("<behavior:proactive>")
+    assert learned[-1] == tokenizer.eos_token_id
+    short = encode_example(tokenizer, prompt, target, max_length=40)
+    assert len(short["input_ids"]) == 40 and short["labels"][-len(learned) :] == learned
+    assert INSTRUCTIONS in prompt_text(tokenizer, MESSAGES, "instructed", None, taxonomy)

@@ -1,0 +1,108 @@
+"""Real Ray Data evaluations of agents on the tiny model, in parallel, with resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from harness import config, leaderboard
+from harness.bench import load_taxonomy
+from harness.evaluate import PREDICTION_SCHEMA, EvalConfig, evaluate
+from harness.model import ModelSettings, load_model, load_tokenizer
+from harness.tokens import TokenDesign
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def behavior_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with BehaviorSFT tokens added (untrained): what a behaviorsft agent loads."""
+    out = tmp_path_factory.mktemp("bsft") / "model"
+    tokenizer, model = load_tokenizer(str(tiny_model)), load_model(ModelSettings(str(tiny_model)))
+    design = TokenDesign(granularity="task_type")
+    design.apply(tokenizer, model, load_taxonomy())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    design.save(out)
+    return out
+
+
+def _config(sample, tiny_model, behavior_model, tmp_path, **extra) -> dict:
+    return {
+        "data": str(sample),
+        "split": "test",
+        "output_dir": str(tmp_path / "eval"),
+        "leaderboard": str(tmp_path / "lb.parquet"),
+        "max_new_tokens": 6,
+        "bootstrap": 100,
+        **extra,
+        "agents": [
+            {"name": "zero-shot", "model": str(tiny_model), "mode": "zero_shot", "num_cpus": 0.5, "batch_size": 8},
+            {"name": "bsft", "model": str(behavior_model), "mode": "behaviorsft", "num_cpus": 0.5, "batch_size": 8},
+        ],
+    }
+
+
+def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, behavior_model, tmp_path, ray_local):
+    cfg = config.build(EvalConfig, _config(sample, tiny_model, behavior_model, tmp_path, part_size=32))
+    table = evaluate(cfg)
+    test_ids = set(pd.read_json(sample, lines=True).query("split == 'test'").task_id)
+    out = Path(cfg.output_dir)
+    finals = sorted(out.glob("*.parquet"))
+    assert len(finals) == 2
+    for path in finals:
+        predictions = pd.read_parquet(path)
+        schema = pq.read_schema(path)
+        assert schema.names == list(PREDICTION_SCHEMA)
+        types = {"string": ("string", "large_string"), "bool": ("bool",), "float64": ("double",)}
+        for name, kind in PREDICTION_SCHEMA.items():
+            assert str(schema.field(name).type) in types[kind], (name, schema.field(name).type)
+        assert set(predictions.task_id) == test_ids and predictions.task_id.is_unique
+        assert set(predictions.pred_behavior) <= {"reactive", "proactive"}
+    bsft = pd.read_parquet(next(p for p in finals if p.name.startswith("bsft")))
+    assert set(bsft.pred_label) <= {"reactive", "proactive", "restraint"}
+    assert bsft.scores.str.startswith('{"reactive"').all() and (bsft.latency_ms > 0).all()
+    assert set(table.agent) == {"zero-shot", "bsft"}
+    before = leaderboard.read(cfg.leaderboard)
+    parts = sorted(out.glob("*/part-*.parquet"))
+    assert len(parts) >= 2 * 2  # several parts per agent: progress is kept as it comes
+
+    evaluate(cfg)
+    assert sorted(out.glob("*/part-*.parquet")) == parts  # nothing re-run
+    after = leaderboard.read(cfg.leaderboard)
+    assert len(after) == len(before) and set(after.run_id) == set(before.run_id)
+
+
+def test_killed_evaluation_resumes_without_duplicates(sample, tiny_model, behavior_model, tmp_path):
+    values = _config(sample, tiny_model, behavior_model, tmp_path, part_size=8, max_new_tokens=24)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(values))
+    args = [sys.executable, "-m", "harness.cli", "eval", "--config", str(path)]
+    out = tmp_path / "eval"
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(out.glob("*/part-*.parquet"))) < 2 and time.time() < deadline:
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    kept = {p.name for p in out.glob("*/part-*.parquet")}
+    assert kept and not list(out.glob("*.parquet")), "the job was meant to die before finishing"
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert kept <= {p.name for p in out.glob("*/part-*.parquet")}
+    test_ids = set(pd.read_json(sample, lines=True).query("split == 'test'").task_id)
+    for final in out.glob("*.parquet"):
+        predictions = pd.read_parquet(final)
+        assert predictions.task_id.is_unique and set(predictions.task_id) == test_ids
+    board = leaderboard.read(values["leaderboard"])
+    assert board.groupby(["agent", "subset", "slice", "metric"]).size().max() == 1
+    assert "bsft" in second.stdout and "zero-shot" in second.stdout

@@ -112,6 +112,23 @@ def train(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
     console.print(f"final model: {result.final_model}\nmetrics: {shown}", highlight=False)
 
 
+@app.command()
+def sweep(config: ConfigOption = None, overrides: OverridesArgument = None) -> None:
+    """Sweep token designs and hyperparameters with Ray Tune (ASHA); a re-run resumes the sweep."""
+    from harness import config as configs
+    from harness.sweep import SweepConfig
+    from harness.sweep import sweep as run_sweep
+
+    cfg = configs.load(SweepConfig, config, overrides or [])
+    table = run_sweep(cfg)
+    shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", "initial_dev_macro_f1", "status"]
+    print_frame(
+        table[[c for c in dict.fromkeys(shown) if c in table.columns]],
+        title=f"sweep {cfg.name}: trials ranked by {cfg.metric} ({cfg.directory / 'trials.parquet'})",
+    )
+    console.print(f"best: sweep:{cfg.name}:best", highlight=False)
+
+
 @app.command("eval")
 def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -> None:
     """Evaluate the config's agents in parallel with Ray Data; resumable; updates the leaderboard."""
@@ -199,17 +216,35 @@ def leaderboard_show(
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option(help="Where the demo writes its artifacts.")] = Path("artifacts")) -> None:
-    """Run the main job on the embedded default (BehaviorBench-mini)."""
-    data_make(out=out / "data", tasks=3000, seed=0)
+def demo(
+    artifacts: Annotated[Path, typer.Option(help="Where data, models, runs and predictions go.")] = Path("artifacts"),
+    results: Annotated[Path, typer.Option(help="Where the leaderboard is exported.")] = Path("results"),
+) -> None:
+    """The main job on the embedded default: data, tiny model, sweep, training, evaluation, leaderboard."""
+    from harness import leaderboard
+    from harness.pipeline import PipelineConfig, run
+
+    cfg = PipelineConfig(artifacts=str(artifacts), results=str(results))
+    with progress_bars() as update:
+        board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=update)
+    print_frame(leaderboard.ranking(leaderboard.read(board)), title=f"BehaviorBench-mini leaderboard ({board})")
+    console.print(f"exported: {results / 'leaderboard.html'}, {results / 'leaderboard.md'}", highlight=False)
+
+
+def run(args: list[str]) -> int:
+    """Run the CLI on `args` and return its exit status; user errors print one line, no traceback."""
+    try:
+        app(args, prog_name="harness")
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return 0
 
 
 def main() -> None:
-    try:
-        app()
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ from harness.tokens import TokenDesign
 TRAIN_MODES = ("behaviorsft", "sft")
 CONFIG_FILE = "train_config.yaml"
 BUCKET_BATCHES = 16  # length-bucketing window, in batches
+# CPU share of each data-preparation task and actor: light work, and concurrent sweep trials
+# must not deadlock with each one holding a whole core for its read while waiting for its encoder.
+PREP_CPUS = 0.25
 
 
 @dataclass
@@ -302,9 +305,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not state["initial"]:  # the untrained model's dev metrics, the baseline of this run
         initial = evaluate_dev(engine.module, tokenizer, cfg, taxonomy, dev)
         state["initial"] = {f"initial_{k}": v for k, v in initial.items()}
+    # Every report carries the latest dev metrics, so schedulers (Tune's ASHA) always see them.
+    latest_dev = {k.removeprefix("initial_"): v for k, v in state["initial"].items()}
 
     def save(metrics: dict[str, Any], final: bool) -> None:
-        metrics = {**metrics, **state["initial"], **evaluate_dev(engine.module, tokenizer, cfg, taxonomy, dev)}
+        latest_dev.update(evaluate_dev(engine.module, tokenizer, cfg, taxonomy, dev))
+        metrics = {**metrics, **state["initial"], **latest_dev}
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(
                 str(Path(tmp) / "deepspeed"),
@@ -350,7 +356,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 }
                 window_loss, window_tokens, window_start = [], 0, time.perf_counter()
                 if not (cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0) and not last:
-                    ray.train.report(metrics)
+                    ray.train.report({**metrics, **latest_dev})
             if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and not last:
                 save(metrics, final=False)
         state["batch_in_epoch"] = 0
@@ -372,12 +378,18 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
         skip_bad_rows=cfg.skip_bad_rows,
         rejects_path=cfg.run_dir / "rejects.jsonl",
         clean_dir=cfg.run_dir,
+        num_cpus=PREP_CPUS,
     )
-    encode = {"fn_constructor_kwargs": {"cfg": to_dict(cfg)}, "compute": ActorPoolStrategy(size=1), "batch_size": 64}
-    train = tasks.filter(lambda row: row["split"] == "train")
+    encode = {
+        "fn_constructor_kwargs": {"cfg": to_dict(cfg)},
+        "compute": ActorPoolStrategy(size=1),
+        "batch_size": 64,
+        "num_cpus": PREP_CPUS,
+    }
+    train = tasks.filter(lambda row: row["split"] == "train", num_cpus=PREP_CPUS)
     if cfg.max_train_tasks:
         train = train.limit(cfg.max_train_tasks)
-    dev = tasks.filter(lambda row: row["split"] == "dev").limit(cfg.eval_max_tasks)
+    dev = tasks.filter(lambda row: row["split"] == "dev", num_cpus=PREP_CPUS).limit(cfg.eval_max_tasks)
     train = train.map_batches(Encode, **encode).materialize()
     dev = dev.map_batches(Encode, **encode).materialize()
     rows = train.count()
@@ -386,13 +398,20 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
     return {"train": train, "dev": dev}, rows
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) a training run; return where its final Hugging Face model is."""
+def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Run (or resume) a training run; return where its final Hugging Face model is.
+
+    `callbacks` go to the run's `RunConfig` (a sweep passes Tune's report callback).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = cfg.resolved()
+    final, metrics_file = cfg.run_dir / "final", cfg.run_dir / "final_metrics.json"
+    if (final / "config.json").exists() and metrics_file.exists():
+        print(f"[harness] run {cfg.run_name} already finished: reusing {final} (delete {cfg.run_dir} to retrain)")
+        return TrainResult(cfg.run_dir, final, json.loads(metrics_file.read_text()))
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.use_gpu else None)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -413,6 +432,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -420,7 +440,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = trainer.fit()
     if result.error:
         raise result.error
-    final = cfg.run_dir / "final"
     with result.checkpoint.as_directory() as directory:
         source = Path(directory) / ("merged" if cfg.lora.enabled else "model")
         tmp = final.with_name("final.tmp")
@@ -429,5 +448,5 @@ def train(cfg: TrainConfig) -> TrainResult:
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
     metrics = dict(result.metrics or {})
-    (cfg.run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    metrics_file.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return TrainResult(cfg.run_dir, final, metrics)

@@ -178,11 +178,13 @@ def load_dataset(
     skip_bad_rows: bool = False,
     rejects_path: str | Path | None = None,
     clean_dir: str | Path | None = None,
+    num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """The tasks at `path` as a streaming `ray.data.Dataset` (no process holds them all).
 
     One streaming validation pass runs first. With bad rows and `skip_bad_rows`, the good rows are
     streamed into a clean JSONL copy under `clean_dir` and the rejects to `rejects_path`.
+    `num_cpus` is what each read and parse task reserves (light work: a fraction is fine).
     """
     import ray.data
 
@@ -205,9 +207,11 @@ def load_dataset(
     parquet = [str(f) for f in files if f.suffix == ".parquet"]
     parts = []
     if jsonl:
-        parts.append(ray.data.read_text(jsonl).map(lambda r: normalize_row(json.loads(r["text"]))))
+        read = ray.data.read_text(jsonl, ray_remote_args={"num_cpus": num_cpus})
+        parts.append(read.map(lambda r: normalize_row(json.loads(r["text"])), num_cpus=num_cpus))
     if parquet:
-        parts.append(ray.data.read_parquet(parquet).map(normalize_row))
+        read = ray.data.read_parquet(parquet, ray_remote_args={"num_cpus": num_cpus})
+        parts.append(read.map(normalize_row, num_cpus=num_cpus))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the harness against plain loops (see run.py)."""

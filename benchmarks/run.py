@@ -1,0 +1,262 @@
+"""Benchmarks, measured side by side in one run; results as a Markdown table.
+
+    python -m benchmarks.run [--out benchmarks/results.md] [--sizes 1000,10000,100000]
+
+1. Evaluation throughput (tasks/s) of the harness (Ray Data, behavior-token scoring) at 1 and 2
+   replicas, against a plain sequential transformers loop doing the same scoring on the same model
+   and tasks, and against generation-based scoring (greedy answers + the answer rule).
+2. Training throughput (tokens/s) of Ray Train + DeepSpeed against a plain single-process PyTorch
+   loop on the same model and examples.
+3. Evaluation time and peak memory (driver + Ray workers) as the streamed rows and agents grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from harness.bench import load_tasks, load_taxonomy
+from harness.bench.synth import write_sample
+from harness.config import build
+from harness.evaluate import EvalConfig, evaluate
+from harness.model import ModelSettings, load_model, load_tokenizer, make_tiny
+from harness.prompts import encode_example, prompt_text, target_text
+from harness.scoring import label_scores
+from harness.tokens import TokenDesign
+from harness.train import TrainConfig, train
+
+
+class PeakMemory:
+    """Peak resident memory of this process and every Ray worker process, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            total = psutil.Process().memory_info().rss
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if "ray::" in cmdline and proc.info["memory_info"]:
+                    total += proc.info["memory_info"].rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def behavior_model(tiny: Path, out: Path) -> Path:
+    """The tiny model with behavior tokens (weights as initialised: throughput does not need training)."""
+    tokenizer, model = load_tokenizer(str(tiny)), load_model(ModelSettings(str(tiny)))
+    design = TokenDesign()
+    design.apply(tokenizer, model, load_taxonomy())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    design.save(out)
+    return out
+
+
+def plain_eval(model_dir: Path, data: Path, split: str, batch_size: int = 16) -> tuple[float, int]:
+    """The same behavior-token scoring as the harness, as one sequential loop without Ray."""
+    taxonomy, design = load_taxonomy(), TokenDesign()
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(ModelSettings(str(model_dir))).eval()
+    frame = load_tasks(data, split=split)
+    began = time.perf_counter()
+    labels = design.label_token_ids(tokenizer, taxonomy)
+    prompts = [
+        tokenizer(prompt_text(tokenizer, list(m), "behaviorsft", design, taxonomy), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for m in frame["messages"]
+    ]
+    for start in range(0, len(prompts), batch_size):
+        label_scores(model, prompts[start : start + batch_size], labels, tokenizer.pad_token_id)
+    return time.perf_counter() - began, len(prompts)
+
+
+def harness_eval(
+    model_dir: Path,
+    data: Path,
+    work: Path,
+    name: str,
+    mode: str,
+    replicas: int = 1,
+    agents: int = 1,
+    split: str = "test",
+) -> tuple[float, int]:
+    specs = [
+        {
+            "name": f"{name}-{i}",
+            "model": str(model_dir),
+            "mode": mode,
+            "replicas": replicas,
+            "num_cpus": 2 / (replicas * agents),
+        }
+        for i in range(agents)
+    ]
+    cfg = build(
+        EvalConfig,
+        {
+            "data": str(data),
+            "split": split,
+            "answers": False,
+            "max_new_tokens": 16,
+            "bootstrap": 0,
+            "output_dir": str(work / name),
+            "leaderboard": str(work / f"{name}.pq"),
+            "agents": specs,
+        },
+    )
+    began = time.perf_counter()
+    table = evaluate(cfg)
+    return time.perf_counter() - began, int(table[(table.slice == "overall") & (table.subset == "all")].n.iloc[0])
+
+
+def plain_train(model_dir: Path, data: Path, steps: int, batch_size: int = 16) -> float:
+    """Tokens/s of a single-process AdamW loop over the same BehaviorSFT examples."""
+    import torch
+
+    taxonomy, design = load_taxonomy(), TokenDesign()
+    tokenizer, model = load_tokenizer(str(model_dir)), load_model(ModelSettings(str(model_dir)))
+    design.apply(tokenizer, model, taxonomy)
+    frame = load_tasks(data, split="train").head(steps * batch_size)
+    examples = [
+        encode_example(
+            tokenizer,
+            prompt_text(tokenizer, list(r["messages"]), "behaviorsft", design, taxonomy),
+            target_text(r, "behaviorsft", design, taxonomy),
+            384,
+        )
+        for r in frame.to_dict("records")
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.set_num_threads(2)
+    tokens, began = 0, time.perf_counter()
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+        labels = torch.full((len(chunk), width), -100)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, e in enumerate(chunk):
+            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+            mask[i, : len(e["input_ids"])] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tokens += int(mask.sum())
+    return tokens / (time.perf_counter() - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results.md")
+    parser.add_argument("--sizes", default="1000,10000,100000", help="rows streamed in the scaling benchmark")
+    args = parser.parse_args()
+    import ray
+
+    ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    data = write_sample(work / "data", tasks=3000, seed=0)
+    tiny = make_tiny(data, work / "tiny")
+    bsft = behavior_model(tiny, work / "bsft")
+    rows: list[tuple[str, str, str]] = []
+
+    plain_s, n = plain_eval(bsft, data, "test")
+    rows.append(("eval: plain sequential loop, behavior-token scoring", f"{n / plain_s:.1f} tasks/s", "1.00x"))
+    for replicas in (1, 2):
+        seconds, n = harness_eval(bsft, data, work, f"bsft-r{replicas}", "behaviorsft", replicas)
+        rows.append(
+            (
+                f"eval: harness, behavior-token scoring, {replicas} replica(s)",
+                f"{n / seconds:.1f} tasks/s",
+                f"{plain_s / n * n / seconds:.2f}x",
+            )
+        )
+    for replicas in (1, 2):
+        seconds, n = harness_eval(tiny, data, work, f"gen-r{replicas}", "zero_shot", replicas)
+        rows.append(
+            (
+                f"eval: harness, generation-based scoring (16 tokens), {replicas} replica(s)",
+                f"{n / seconds:.1f} tasks/s",
+                f"{plain_s / seconds:.2f}x",
+            )
+        )
+
+    plain_tps = plain_train(tiny, data, steps=40)
+    rows.append(("train: plain single-process PyTorch loop (2 threads)", f"{plain_tps:.0f} tokens/s", "1.00x"))
+    for workers in (1, 2):
+        cfg = build(
+            TrainConfig,
+            {
+                "run_name": f"bench-{workers}",
+                "data": str(data),
+                "model": {"name_or_path": str(tiny)},
+                "storage_path": str(work / "runs"),
+                "epochs": 1,
+                "batch_size": 16,
+                "max_length": 384,
+                "max_train_tasks": 40 * 16,
+                "eval_max_tasks": 16,
+                "log_every": 10,
+                "num_workers": workers,
+                "resources_per_worker": {"CPU": 2 // workers},
+                "max_failures": 0,
+            },
+        )
+        began = time.perf_counter()
+        metrics = train(cfg).metrics
+        wall = time.perf_counter() - began
+        rows.append(
+            (
+                f"train: Ray Train + DeepSpeed ZeRO-2, {workers} worker(s) (steady state; run wall {wall:.0f}s)",
+                f"{metrics['tokens_per_s']:.0f} tokens/s",
+                f"{metrics['tokens_per_s'] / plain_tps:.2f}x",
+            )
+        )
+
+    for size in [int(s) for s in args.sizes.split(",")]:
+        scaled = write_sample(work / f"data-{size}", tasks=size, seed=1)
+        with PeakMemory() as memory:
+            seconds, n = harness_eval(bsft, scaled, work, f"scale-{size}", "behaviorsft", split="train")
+        rows.append(
+            (
+                f"scaling: {n} rows streamed, 1 agent",
+                f"{seconds:.1f} s, peak {memory.peak / 2**30:.2f} GiB",
+                f"{n / seconds:.1f} tasks/s",
+            )
+        )
+    for agents in (1, 2, 4):
+        with PeakMemory() as memory:
+            seconds, n = harness_eval(bsft, data, work, f"agents-{agents}", "behaviorsft", agents=agents)
+        rows.append(
+            (
+                f"scaling: {agents} agent(s) x {n} tasks",
+                f"{seconds:.1f} s, peak {memory.peak / 2**30:.2f} GiB",
+                f"{agents * n / seconds:.1f} tasks/s",
+            )
+        )
+
+    lines = ["| benchmark | result | ratio |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

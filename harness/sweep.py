@@ -1,0 +1,213 @@
+"""Ray Tune sweeps over token designs and hyperparameters of BehaviorSFT.
+
+Each trial is the same `harness.train.train` run (a `TorchTrainer` over DeepSpeed) with Tune's
+report callback; trials report the dev-split Macro F1 of behavior selection, computed by the
+evaluation scorer. ASHA stops poor trials early; a failed trial is recorded with its error; a
+restarted sweep resumes with `Tuner.restore`. Results land in `trials.parquet`, and the best
+finished trial in `best.json`, so `harness eval` can take `model: sweep:<name>:best`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.config import build, to_dict
+from harness.errors import ConfigError
+from harness.train import TrainConfig
+
+SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SchedulerSettings:
+    type: str = "asha"  # asha or fifo
+    grace_period: int = 1  # reports (epochs) before a trial can be stopped
+    reduction_factor: int = 2
+
+    def __post_init__(self) -> None:
+        if self.type not in ("asha", "fifo"):
+            raise ValueError(f"scheduler.type: {self.type!r} is not one of ['asha', 'fifo']")
+
+
+@dataclass
+class SweepConfig:
+    name: str = "token-designs"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search_space: dict[str, dict[str, list]] = field(default_factory=dict)
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    trial_cpus: float = 0.05  # for the trial's driver function; its workers have their own resources
+    metric: str = "dev_macro_f1"
+    mode: str = "max"
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    runs_dir: str = "artifacts/runs"
+
+    def __post_init__(self) -> None:
+        if self.train.mode != "behaviorsft":
+            raise ValueError("train.mode: sweeps optimise behavior selection, so the mode must be behaviorsft")
+        for key, spec in self.search_space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+                raise ValueError(f"search_space.{key}: expected one of {{{', '.join(SAMPLERS)}: [values]}}")
+            for value in _candidates(spec):  # every candidate must make a valid training config
+                try:
+                    build(TrainConfig, _set(to_dict(self.train), key, value), "search_space")
+                except ConfigError as exc:
+                    raise ValueError(f"search_space.{key}={value!r}: {exc}") from None
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.runs_dir).resolve() / "sweeps" / self.name
+
+
+def _candidates(spec: dict[str, list]) -> list:
+    kind, values = next(iter(spec.items()))
+    return list(values) if kind in ("grid", "choice") else [values[0], values[-1]]
+
+
+def _set(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    values = copy.deepcopy(values)
+    node = values
+    *parents, last = dotted.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"search_space: {dotted}: {part} is not a section of the training config")
+        node = node[part]
+    node[last] = value
+    return values
+
+
+def param_space(cfg: SweepConfig) -> dict[str, Any]:
+    """The Tune param space: the training config with each searched key replaced by its sampler."""
+    from ray import tune
+
+    samplers = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v),
+    }
+    values = to_dict(cfg.train)
+    for key, spec in cfg.search_space.items():
+        kind, choices = next(iter(spec.items()))
+        values = _set(values, key, samplers[kind](list(choices)))
+    return {"train": values}
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """One Tune trial: a full training run whose reports reach Tune through its callback."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from harness.train import train
+
+    trial = ray.tune.get_context().get_trial_id()
+    cfg = build(TrainConfig, {**config["train"], "run_name": trial})
+    result = train(cfg, callbacks=[TuneReportCallback()])
+    (cfg.run_dir / "trial.json").write_text(json.dumps({"final_model": str(result.final_model)}) + "\n")
+
+
+def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
+    rows = []
+    searched = list(cfg.search_space)
+    trials_dir = cfg.directory / "trials"
+    for result in results:
+        config = result.config.get("train", {}) if result.config else {}
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        final = trials_dir / str(trial_id) / "final"
+        design = config.get("design", {})
+        row: dict[str, Any] = {
+            "trial_id": str(trial_id),
+            "design": "-".join(str(design.get(k)) for k in ("granularity", "spelling", "placement", "init")),
+        }
+        for key in searched:
+            node: Any = config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            row[key] = node if not isinstance(node, (list, dict)) else json.dumps(node)
+        row.update(
+            {
+                "dev_macro_f1": metrics.get("dev_macro_f1"),
+                "dev_loss": metrics.get("dev_loss"),
+                "initial_dev_macro_f1": metrics.get("initial_dev_macro_f1"),
+                "epochs_done": metrics.get("training_iteration"),
+                "checkpoint": metrics.get("checkpoint_path", ""),
+                "final_model": str(final) if (final / "config.json").exists() else "",
+                "status": "error" if result.error else ("finished" if (final / "config.json").exists() else "stopped"),
+                "error": repr(result.error)[:2000] if result.error else "",
+            }
+        )
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    ascending = cfg.mode == "min"
+    return frame.sort_values(cfg.metric, ascending=ascending, na_position="last").reset_index(drop=True)
+
+
+def sweep(cfg: SweepConfig) -> pd.DataFrame:
+    """Run (or resume) the sweep; write trials.parquet and best.json; return the ranked trials."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.train.use_gpu else None)
+    directory = cfg.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    # Tune runs trials in their own directories: resolve local paths here, on the driver.
+    resolved = replace(cfg, train=replace(cfg.train.resolved(), storage_path=str(directory / "trials")))
+    train_values = param_space(resolved)
+    trainable = tune.with_resources(run_trial, {"CPU": cfg.trial_cpus})
+    experiment = directory / "tune"
+    if tune.Tuner.can_restore(str(experiment)):
+        tuner = tune.Tuner.restore(
+            str(experiment),
+            trainable=trainable,
+            param_space=train_values,
+            restart_errored=False,
+            resume_unfinished=True,
+        )
+    else:
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                grace_period=cfg.scheduler.grace_period,
+                reduction_factor=cfg.scheduler.reduction_factor,
+                max_t=cfg.train.epochs,
+            )
+            if cfg.scheduler.type == "asha"
+            else FIFOScheduler()
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=train_values,
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode=cfg.mode,
+                scheduler=scheduler,
+                num_samples=cfg.num_samples,
+                max_concurrent_trials=cfg.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(directory),
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
+    results = tuner.fit()
+    table = _trial_rows(results, cfg)
+    tmp = directory / ".trials.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    tmp.replace(directory / "trials.parquet")
+    finished = table[table["status"] == "finished"].dropna(subset=[cfg.metric])
+    if finished.empty:
+        raise ConfigError(f"sweep {cfg.name}: no trial finished; see {directory / 'trials.parquet'}")
+    best = finished.iloc[0].to_dict()
+    (directory / "best.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
+    return table

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import config, leaderboard
+from harness.errors import ConfigError
+from harness.evaluate import EvalConfig, evaluate
+from harness.sweep import SweepConfig, param_space, sweep
+
+
+def _values(sample: Path, tiny_model: Path, tmp_path: Path) -> dict:
+    return {
+        "name": "t",
+        "runs_dir": str(tmp_path / "runs"),
+        "scheduler": {"type": "fifo"},
+        "search_space": {"design.spelling": {"grid": ["special", "text"]}, "learning_rate": {"grid": [0.001, 0.004]}},
+        "train": {
+            "data": str(sample),
+            "model": {"name_or_path": str(tiny_model)},
+            "epochs": 2,
+            "batch_size": 16,
+            "max_length": 320,
+            "max_train_tasks": 96,
+            "eval_max_tasks": 32,
+            "log_every": 1000000,
+            "num_workers": 1,
+            "max_failures": 0,
+        },
+    }
+
+
+def test_search_space_errors_name_the_key(sample, tiny_model, tmp_path):
+    values = _values(sample, tiny_model, tmp_path)
+    values["search_space"] = {"design.spelling": {"grid": ["special", "emoji"]}}
+    with pytest.raises(ConfigError, match=r"search_space.design.spelling='emoji'.*not one of"):
+        config.build(SweepConfig, values)
+    values["search_space"] = {"lerning_rate": {"grid": [0.1]}}
+    with pytest.raises(ConfigError, match="lerning_rate: unknown key"):
+        config.build(SweepConfig, values)
+    values["search_space"] = {"learning_rate": {"normal": [0.1]}}
+    with pytest.raises(ConfigError, match="expected one of"):
+        config.build(SweepConfig, values)
+    values["search_space"] = {"learning_rate": {"loguniform": [1e-4, 1e-2]}}
+    space = param_space(config.build(SweepConfig, values))
+    assert type(space["train"]["learning_rate"]).__name__ == "Float"
+
+
+@pytest.mark.slow
+def test_sweep_of_two_designs_by_two_learning_rates(sample, tiny_model, tmp_path, ray_local):
+    cfg = config.build(SweepConfig, _values(sample, tiny_model, tmp_path))
+    table = sweep(cfg)
+    stored = pd.read_parquet(cfg.directory / "trials.parquet")
+    assert len(stored) == 4 and set(stored.status) == {"finished"}
+    assert sorted(zip(stored["design.spelling"], stored["learning_rate"], strict=True)) == [
+        ("special", 0.001),
+        ("special", 0.004),
+        ("text", 0.001),
+        ("text", 0.004),
+    ]
+    assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
+    assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
+    assert table.trial_id.tolist() == stored.trial_id.tolist()
+
+    again = sweep(cfg)  # a restarted sweep restores instead of training again
+    assert sorted(again.trial_id) == sorted(stored.trial_id)
+
+    evaluation = config.build(
+        EvalConfig,
+        {
+            "data": str(sample),
+            "max_tasks": 16,
+            "bootstrap": 50,
+            "answers": False,
+            "runs_dir": str(tmp_path / "runs"),
+            "output_dir": str(tmp_path / "eval"),
+            "leaderboard": str(tmp_path / "lb.parquet"),
+            "agents": [{"name": "best-design", "model": "sweep:t:best", "mode": "behaviorsft", "num_cpus": 0.5}],
+        },
+    )
+    evaluate(evaluation)
+    ranking = leaderboard.ranking(leaderboard.read(evaluation.leaderboard))
+    assert ranking.agent.tolist() == ["best-design"]
+    assert ranking.design.iloc[0] == stored.design.iloc[0]

@@ -179,7 +179,7 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
                 time_attr="training_iteration",
                 grace_period=cfg.scheduler.grace_period,
                 reduction_factor=cfg.scheduler.reduction_factor,
-                max_t=cfg.train.epochs,
+                max_t=cfg.train.epochs + 1,  # past the last epoch: never stop a trial before it exports
             )
             if cfg.scheduler.type == "asha"
             else FIFOScheduler()

@@ -180,24 +180,19 @@ def main() -> None:
 
     plain_s, n = plain_eval(bsft, data, "test")
     rows.append(("eval: plain sequential loop, behavior-token scoring", f"{n / plain_s:.1f} tasks/s", "1.00x"))
-    for replicas in (1, 2):
-        seconds, n = harness_eval(bsft, data, work, f"bsft-r{replicas}", "behaviorsft", replicas)
-        rows.append(
-            (
-                f"eval: harness, behavior-token scoring, {replicas} replica(s)",
-                f"{n / seconds:.1f} tasks/s",
-                f"{plain_s / n * n / seconds:.2f}x",
+    for scoring, model, mode in (
+        ("behavior-token scoring", bsft, "behaviorsft"),
+        ("generation-based scoring (16 tokens)", tiny, "zero_shot"),
+    ):
+        for replicas in (1, 2):
+            seconds, n = harness_eval(model, data, work, f"{mode}-r{replicas}", mode, replicas)
+            rows.append(
+                (
+                    f"eval: harness, {scoring}, {replicas} replica(s)",
+                    f"{n / seconds:.1f} tasks/s",
+                    f"{plain_s / seconds:.2f}x",
+                )
             )
-        )
-    for replicas in (1, 2):
-        seconds, n = harness_eval(tiny, data, work, f"gen-r{replicas}", "zero_shot", replicas)
-        rows.append(
-            (
-                f"eval: harness, generation-based scoring (16 tokens), {replicas} replica(s)",
-                f"{n / seconds:.1f} tasks/s",
-                f"{plain_s / seconds:.2f}x",
-            )
-        )
 
     plain_tps = plain_train(tiny, data, steps=40)
     rows.append(("train: plain single-process PyTorch loop (2 threads)", f"{plain_tps:.0f} tokens/s", "1.00x"))
@@ -231,27 +226,22 @@ def main() -> None:
             )
         )
 
-    for size in [int(s) for s in args.sizes.split(",")]:
-        scaled = write_sample(work / f"data-{size}", tasks=size, seed=1)
+    def scaling(label: str, data_path: Path, name: str, agents: int = 1, split: str = "test") -> None:
         with PeakMemory() as memory:
-            seconds, n = harness_eval(bsft, scaled, work, f"scale-{size}", "behaviorsft", split="train")
+            seconds, n = harness_eval(bsft, data_path, work, name, "behaviorsft", agents=agents, split=split)
         rows.append(
             (
-                f"scaling: {n} rows streamed, 1 agent",
-                f"{seconds:.1f} s, peak {memory.peak / 2**30:.2f} GiB",
-                f"{n / seconds:.1f} tasks/s",
-            )
-        )
-    for agents in (1, 2, 4):
-        with PeakMemory() as memory:
-            seconds, n = harness_eval(bsft, data, work, f"agents-{agents}", "behaviorsft", agents=agents)
-        rows.append(
-            (
-                f"scaling: {agents} agent(s) x {n} tasks",
+                label.format(n=n),
                 f"{seconds:.1f} s, peak {memory.peak / 2**30:.2f} GiB",
                 f"{agents * n / seconds:.1f} tasks/s",
             )
         )
+
+    for size in [int(s) for s in args.sizes.split(",")]:
+        scaled = write_sample(work / f"data-{size}", tasks=size, seed=1)
+        scaling("scaling: {n} rows streamed, 1 agent", scaled, f"scale-{size}", split="train")
+    for agents in (1, 2, 4):
+        scaling(f"scaling: {agents} agent(s) x {{n}} tasks", data, f"agents-{agents}", agents=agents)
 
     lines = ["| benchmark | result | ratio |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -362,7 +362,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["batch_in_epoch"] = 0
         if epoch == cfg.epochs - 1:
             state["epoch"] = cfg.epochs
-            save({**metrics, "done": True}, final=True)
+            save({**metrics, "completed": True}, final=True)  # not "done": Tune reserves it
         elif not cfg.checkpoint_every:
             state["epoch"] = epoch + 1
             save(metrics, final=False)

@@ -39,7 +39,7 @@ def test_two_worker_zero2_run_lowers_loss(sample, tiny_model, tmp_path, ray_loca
     cfg = config.load(TrainConfig, None, _overrides(sample, tiny_model, tmp_path, "zero2") + extra)
     result = train(cfg)
     metrics = result.metrics
-    assert metrics["done"] and metrics["dev_loss"] < 0.6 * metrics["initial_dev_loss"], metrics
+    assert metrics["completed"] and metrics["dev_loss"] < 0.6 * metrics["initial_dev_loss"], metrics
     assert (result.final_model / "model.safetensors").exists()
     assert TokenDesign.load(result.final_model) == cfg.design
     tokenizer = load_tokenizer(str(result.final_model))
@@ -78,7 +78,7 @@ def test_killed_lora_run_resumes_and_its_adapter_reloads(sample, tiny_model, tmp
     assert resumed_at >= 4
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
     rows = sum(1 for line in sample.read_text().splitlines() if '"split": "train"' in line)
-    assert metrics["done"] and metrics["step"] == 2 * -(-rows // 16)
+    assert metrics["completed"] and metrics["step"] == 2 * -(-rows // 16)
     assert metrics["dev_loss"] < metrics["initial_dev_loss"]
 
     from peft import PeftModel

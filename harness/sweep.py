@@ -147,7 +147,8 @@ def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows)
     ascending = cfg.mode == "min"
-    return frame.sort_values(cfg.metric, ascending=ascending, na_position="last").reset_index(drop=True)
+    order = frame.sort_values([cfg.metric, "trial_id"], ascending=[ascending, True], na_position="last")
+    return order.reset_index(drop=True)  # ties broken by trial id: the same ranking on every restore
 
 
 def sweep(cfg: SweepConfig) -> pd.DataFrame:

@@ -77,27 +77,14 @@ def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path):
                 }
             )
         )
-        run = subprocess.run(
-            [
-                str(bin_dir / "ray"),
-                "job",
-                "submit",
-                "--address",
-                address,
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                "jobs/evaluate.py",
-                "--config",
-                str(config),
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--"]
+        submit += ["python", "jobs/evaluate.py", "--config", str(config)]
+        deadline = time.time() + 90
+        while True:  # the dashboard answers before the node's job agent is ready: Ray says to retry
+            run = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in run.stdout + run.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
         assert "succeeded" in run.stdout + run.stderr
         predictions = list((tmp_path / "eval").glob("zero-shot-*.parquet"))

@@ -29,7 +29,8 @@ def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = _free_port(), _free_port()
+    # Free ports everywhere Ray has a fixed default: another Ray instance (the suite's) may be running.
+    gcs, dashboard, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob")  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [
@@ -39,6 +40,8 @@ def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path):
             "--block",
             f"--port={gcs}",
             f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--ray-client-server-port={client}",
             "--dashboard-host=127.0.0.1",
             "--include-dashboard=true",
             "--num-cpus=2",

@@ -18,12 +18,28 @@ def sample(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the tests that need Ray (started on first use)."""
+def _ray_shutdown_at_end():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield ray
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_shutdown_at_end):
+    """The suite's local Ray instance, started on first use and kept for the tests after."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture
+def no_suite_ray():
+    """Stops the suite's Ray for a test that starts its own cluster: two on 2 cores race for ports and CPUs."""
+    import ray
+
     ray.shutdown()
 
 

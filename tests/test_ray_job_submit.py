@@ -25,7 +25,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path):
+def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path, no_suite_ray):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -82,13 +82,15 @@ def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path):
         )
         submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--"]
         submit += ["python", "jobs/evaluate.py", "--config", str(config)]
-        deadline = time.time() + 90
+        deadline = time.time() + 180
         while True:  # the dashboard answers before the node's job agent is ready: Ray says to retry
             run = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in run.stdout + run.stderr or time.time() > deadline:
                 break
             time.sleep(3)
-        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+        agent_log = Path(temp_dir, "session_latest", "logs", "dashboard_agent.log")
+        agent_tail = agent_log.read_text()[-3000:] if agent_log.exists() else "(no dashboard_agent.log)"
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:] + agent_tail
         assert "succeeded" in run.stdout + run.stderr
         predictions = list((tmp_path / "eval").glob("zero-shot-*.parquet"))
         assert len(predictions) == 1 and len(pd.read_parquet(predictions[0])) == 16

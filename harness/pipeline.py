@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from harness import config as configs
 from harness import leaderboard
+from harness.errors import ConfigError
 from harness.evaluate import EvalConfig, evaluate
 from harness.sweep import SweepConfig, sweep
+from harness.tokens import TokenDesign
 from harness.train import TrainConfig, train
 
 
@@ -66,13 +68,10 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
         return chosen
 
     def train_both(best: dict[str, Any]) -> None:
-        granularity, spelling, placement, init = best["design"].split("-")
-        design = [
-            f"design.granularity={granularity}",
-            f"design.spelling={spelling}",
-            f"design.placement={placement}",
-            f"design.init={init}",
-        ]
+        chosen = TokenDesign.load(best["final_model"])  # the design the best trial saved with its model
+        if chosen is None:
+            raise ConfigError(f"best trial {best['trial_id']}: no token design saved in {best['final_model']}")
+        design = [f"design.{key}={value}" for key, value in asdict(chosen).items()]
         if best.get("learning_rate") is not None:
             design.append(f"learning_rate={best['learning_rate']}")
         common = [f"data={data}", model_path, f"storage_path={runs}"]

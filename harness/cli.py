@@ -206,12 +206,10 @@ def leaderboard_show(
         return
     if fmt not in ("md", "csv", "html"):
         raise HarnessError(f"--format: {fmt!r} is not one of table, md, csv, html")
-    text = leaderboard.render(table, fmt)
     if out is None:
-        print(text, end="")
+        print(leaderboard.render(table, fmt), end="")
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        leaderboard.export(table, out, fmt)
         console.print(f"wrote {out}", highlight=False)
 
 

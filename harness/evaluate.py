@@ -23,6 +23,7 @@ from harness import leaderboard
 from harness.bench.io import fingerprint, load_dataset
 from harness.bench.taxonomy import load_taxonomy
 from harness.errors import ConfigError
+from harness.files import write_parquet
 from harness.metrics import score
 from harness.model import ModelSettings, load_model, load_tokenizer, local_or_hub
 from harness.prompts import MODES, prompt_text
@@ -232,13 +233,6 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[list(PREDICTION_SCHEMA)].astype(PREDICTION_SCHEMA)
 
 
-def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
 def _done_ids(parts_dir: Path) -> set[str]:
     if not parts_dir.exists():
         return set()
@@ -301,7 +295,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
         combined = pipelines[0].union(*pipelines[1:]) if len(pipelines) > 1 else pipelines[0]
         for batch in combined.iter_batches(batch_size=None, batch_format="pandas"):
             for name, rows in batch.groupby("agent"):
-                _write_atomic(_typed(rows), out / keys[name] / f"part-{uuid.uuid4().hex}.parquet")
+                write_parquet(out / keys[name] / f"part-{uuid.uuid4().hex}.parquet", _typed(rows))
                 if progress is not None:
                     progress(name, len(rows), remaining[name])
     metrics = []
@@ -310,7 +304,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
         if not final.exists():
             parts = [pd.read_parquet(p) for p in sorted((out / agent.key).glob("part-*.parquet"))]
             predictions = pd.concat(parts, ignore_index=True).drop_duplicates("task_id", keep="first")
-            _write_atomic(_typed(predictions.sort_values("task_id").reset_index(drop=True)), final)
+            write_parquet(final, _typed(predictions.sort_values("task_id").reset_index(drop=True)))
         rows = score(pd.read_parquet(final), samples=cfg.bootstrap)
         metrics.append(
             leaderboard.with_metadata(

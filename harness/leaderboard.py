@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import html
 import subprocess
-import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 import harness
+from harness.files import write_parquet, write_text
 
 COLUMNS = [
     "run_id",
@@ -95,9 +95,7 @@ def append(path: str | Path, rows: pd.DataFrame) -> None:
         existing = read(path)
         kept = existing[~existing["run_id"].isin(rows["run_id"].unique())]
         combined = pd.concat([kept, rows[COLUMNS]], ignore_index=True) if len(kept) else rows[COLUMNS]
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        combined.reset_index(drop=True).to_parquet(tmp, index=False)
-        tmp.replace(path)
+        write_parquet(path, combined.reset_index(drop=True))
 
 
 def ranking(frame: pd.DataFrame) -> pd.DataFrame:
@@ -174,6 +172,11 @@ def render(table: pd.DataFrame, fmt: str) -> str:
             + "</body></html>\n"
         )
     raise ValueError(f"format: {fmt!r} is not one of md, csv, html")
+
+
+def export(table: pd.DataFrame, path: Path, fmt: str) -> None:
+    """Write the ranking rendered as `fmt` (md, csv or html) to `path`, atomically."""
+    write_text(path, render(table, fmt))
 
 
 def _markdown(table: pd.DataFrame) -> str:

@@ -100,8 +100,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
 
     def export() -> None:
         table = leaderboard.ranking(leaderboard.read(eval_cfg.leaderboard))
-        (results / "leaderboard.html").write_text(leaderboard.render(table, "html"))
-        (results / "leaderboard.md").write_text(leaderboard.render(table, "md"))
+        leaderboard.export(table, results / "leaderboard.html", "html")
+        leaderboard.export(table, results / "leaderboard.md", "md")
 
     _step(log, 6, "leaderboard export", export)
     return Path(eval_cfg.leaderboard)

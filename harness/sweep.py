@@ -19,6 +19,7 @@ import pandas as pd
 
 from harness.config import build, to_dict
 from harness.errors import ConfigError
+from harness.files import write_parquet, write_text
 from harness.train import TrainConfig
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -203,12 +204,10 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
         )
     results = tuner.fit()
     table = _trial_rows(results, cfg)
-    tmp = directory / ".trials.parquet.tmp"
-    table.to_parquet(tmp, index=False)
-    tmp.replace(directory / "trials.parquet")
+    write_parquet(directory / "trials.parquet", table)
     finished = table[table["status"] == "finished"].dropna(subset=[cfg.metric])
     if finished.empty:
         raise ConfigError(f"sweep {cfg.name}: no trial finished; see {directory / 'trials.parquet'}")
     best = finished.iloc[0].to_dict()
-    (directory / "best.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
+    write_text(directory / "best.json", json.dumps(best, indent=2, default=str) + "\n")
     return table

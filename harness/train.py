@@ -25,6 +25,7 @@ from harness.bench.io import load_dataset
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
 from harness.config import build, to_dict
 from harness.errors import ConfigError
+from harness.files import write_text
 from harness.model import LoraSettings, ModelSettings, load_model, load_tokenizer, local_or_hub, wrap_lora
 from harness.prompts import encode_example, prompt_text, target_text
 from harness.tokens import TokenDesign
@@ -448,5 +449,5 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
     metrics = dict(result.metrics or {})
-    metrics_file.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    write_text(metrics_file, json.dumps(metrics, indent=2, default=str) + "\n")
     return TrainResult(cfg.run_dir, final, metrics)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness.bench.records import TaskRecord
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
+from harness.files import write_atomic
 
 SYSTEM_PROMPT = (
     "You are a clinical assistant supporting a hospital care team. The conversation includes "
@@ -488,12 +489,12 @@ def generate(tasks: int = 3000, seed: int = 0, taxonomy: Taxonomy | None = None)
 
 def write_sample(out_dir: str | Path, tasks: int = 3000, seed: int = 0) -> Path:
     """Write BehaviorBench-mini as `tasks.jsonl` under `out_dir` (atomically) and return its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "tasks.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in generate(tasks, seed):
-            handle.write(json.dumps(record.to_row(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    path = Path(out_dir) / "tasks.jsonl"
+
+    def write_rows(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for record in generate(tasks, seed):
+                handle.write(json.dumps(record.to_row(), ensure_ascii=False) + "\n")
+
+    write_atomic(path, write_rows)
     return path

@@ -28,7 +28,7 @@ from harness.model import ModelSettings, load_model, load_tokenizer, make_tiny
 from harness.prompts import encode_example, prompt_text, target_text
 from harness.scoring import label_scores
 from harness.tokens import TokenDesign
-from harness.train import TrainConfig, train
+from harness.train import TrainConfig, pad_batch, train
 
 
 class PeakMemory:
@@ -146,20 +146,11 @@ def plain_train(model_dir: Path, data: Path, steps: int, batch_size: int = 16) -
     torch.set_num_threads(2)
     tokens, began = 0, time.perf_counter()
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-        labels = torch.full((len(chunk), width), -100)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, e in enumerate(chunk):
-            ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-            mask[i, : len(e["input_ids"])] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        batch = pad_batch(examples[start : start + batch_size], tokenizer.pad_token_id)
+        model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        tokens += int(mask.sum())
+        tokens += int(batch["attention_mask"].sum())
     return tokens / (time.perf_counter() - began)
 
 

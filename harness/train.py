@@ -151,10 +151,25 @@ def batches_per_epoch(rows_per_worker: int, batch_size: int) -> int:
     return full * BUCKET_BATCHES + math.ceil(rest / batch_size)
 
 
+def pad_batch(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded input_ids, attention_mask and labels (-100 on padding) for encoded examples."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.as_tensor(example["input_ids"])
+        labels[row, :n] = torch.as_tensor(example["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def bucketed_batches(shard, batch_size: int, pad_id: int, seed: int):
     """Padded batches from a Ray Data shard: sort a window of rows by length, shuffle the batches."""
     import numpy as np
-    import torch
 
     rng = random.Random(seed)
     for window in shard.iter_batches(batch_size=batch_size * BUCKET_BATCHES, batch_format="numpy"):
@@ -162,16 +177,7 @@ def bucketed_batches(shard, batch_size: int, pad_id: int, seed: int):
         groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         rng.shuffle(groups)
         for group in groups:
-            width = max(len(window["input_ids"][i]) for i in group)
-            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(group), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, i in enumerate(group):
-                n = len(window["input_ids"][i])
-                ids[row, :n] = torch.as_tensor(window["input_ids"][i])
-                labels[row, :n] = torch.as_tensor(window["labels"][i])
-                mask[row, :n] = 1
-            yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            yield pad_batch([{k: window[k][i] for k in ("input_ids", "labels")} for i in group], pad_id)
 
 
 class Encode:
@@ -239,7 +245,7 @@ def evaluate_dev(module, tokenizer, cfg: TrainConfig, taxonomy: Taxonomy, dev: l
     with torch.no_grad():
         for start in range(0, len(dev), cfg.batch_size):
             chunk = dev[start : start + cfg.batch_size]
-            batch = next(bucketed_batches(_ListShard(chunk), len(chunk), tokenizer.pad_token_id, 0))
+            batch = pad_batch(chunk, tokenizer.pad_token_id)
             losses.append(module(**{k: v.to(device) for k, v in batch.items()}).loss.float().item())
             if cfg.mode == "behaviorsft":
                 scores = label_scores(module, [list(r["prompt_ids"]) for r in chunk], labels, tokenizer.pad_token_id)
@@ -250,18 +256,6 @@ def evaluate_dev(module, tokenizer, cfg: TrainConfig, taxonomy: Taxonomy, dev: l
     if gold:
         metrics["dev_macro_f1"] = macro_f1(gold, pred)
     return metrics
-
-
-class _ListShard:
-    """A list of rows that iterates like a Ray Data shard (for dev batches)."""
-
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def iter_batches(self, batch_size: int, batch_format: str):
-        for start in range(0, len(self.rows), batch_size):
-            chunk = self.rows[start : start + batch_size]
-            yield {k: [r[k] for r in chunk] for k in ("input_ids", "labels")}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@ from harness.bench import load_taxonomy
 from harness.model import load_tokenizer
 from harness.prompts import INSTRUCTIONS, conversation, encode_example, prompt_text, target_text
 from harness.tokens import TokenDesign
+from harness.train import pad_batch
 
 MESSAGES = [
     {"role": "system", "content": "You are a clinical assistant."},
@@ -38,3 +39,10 @@ def test_prompt_masking_and_targets(tiny_model):
     short = encode_example(tokenizer, prompt, target, max_length=40)
     assert len(short["input_ids"]) == 40 and short["labels"][-len(learned) :] == learned
     assert INSTRUCTIONS in prompt_text(tokenizer, MESSAGES, "instructed", None, taxonomy)
+
+
+def test_pad_batch_pads_right_and_masks_padding_out_of_the_loss():
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

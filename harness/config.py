@@ -87,9 +87,7 @@ def build(cls: type[T], values: Any, where: str = "config") -> T:
     kwargs = {k: _coerce(hints[k], v, _key(where, k)) for k, v in values.items()}
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except TypeError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 

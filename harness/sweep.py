@@ -20,7 +20,8 @@ import pandas as pd
 from harness.config import build, to_dict
 from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
-from harness.train import TrainConfig
+from harness.tokens import TokenDesign
+from harness.train import TrainConfig, init_ray
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -110,8 +111,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     trial = ray.tune.get_context().get_trial_id()
     cfg = build(TrainConfig, {**config["train"], "run_name": trial})
-    result = train(cfg, callbacks=[TuneReportCallback()])
-    (cfg.run_dir / "trial.json").write_text(json.dumps({"final_model": str(result.final_model)}) + "\n")
+    train(cfg, callbacks=[TuneReportCallback()])
 
 
 def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
@@ -123,11 +123,7 @@ def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         final = trials_dir / str(trial_id) / "final"
-        design = config.get("design", {})
-        row: dict[str, Any] = {
-            "trial_id": str(trial_id),
-            "design": "-".join(str(design.get(k)) for k in ("granularity", "spelling", "placement", "init")),
-        }
+        row: dict[str, Any] = {"trial_id": str(trial_id), "design": TokenDesign(**config.get("design", {})).name}
         for key in searched:
             node: Any = config
             for part in key.split("."):
@@ -154,12 +150,10 @@ def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
 
 def sweep(cfg: SweepConfig) -> pd.DataFrame:
     """Run (or resume) the sweep; write trials.parquet and best.json; return the ranked trials."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.train.use_gpu else None)
+    init_ray(cfg.train.use_gpu)
     directory = cfg.directory
     directory.mkdir(parents=True, exist_ok=True)
     # Tune runs trials in their own directories: resolve local paths here, on the driver.

@@ -207,6 +207,14 @@ class Encode:
         return out
 
 
+def init_ray(use_gpu: bool) -> None:
+    """Join the cluster (or start a local one) unless connected; CPU workers get DeepSpeed's CPU accelerator."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env=None if use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}})
+
+
 def _sync_devices(use_gpu: bool) -> None:
     # DeepSpeed picks its accelerator at import time; on CPU workers it must be told.
     if not use_gpu:
@@ -340,6 +348,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window_loss.append(loss.float().item())
             window_tokens += int(batch["attention_mask"].sum())
             last = state["batch_in_epoch"] == steps_per_epoch and epoch == cfg.epochs - 1
+            checkpoint_now = bool(cfg.checkpoint_every) and state["global_step"] % cfg.checkpoint_every == 0
+            checkpoint_now = checkpoint_now and not last  # the last step's checkpoint is the final one
             if state["global_step"] % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
@@ -350,9 +360,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "step": state["global_step"],
                 }
                 window_loss, window_tokens, window_start = [], 0, time.perf_counter()
-                if not (cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0) and not last:
+                if not checkpoint_now and not last:  # a checkpoint's report carries these metrics
                     ray.train.report({**metrics, **latest_dev})
-            if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0 and not last:
+            if checkpoint_now:
                 save(metrics, final=False)
         state["batch_in_epoch"] = 0
         if epoch == cfg.epochs - 1:
@@ -407,8 +417,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     if (final / "config.json").exists() and metrics_file.exists():
         print(f"[harness] run {cfg.run_name} already finished: reusing {final} (delete {cfg.run_dir} to retrain)")
         return TrainResult(cfg.run_dir, final, json.loads(metrics_file.read_text()))
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.use_gpu else None)
+    init_ray(cfg.use_gpu)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     datasets, rows = prepare_datasets(cfg)
     steps_per_epoch = batches_per_epoch(rows // cfg.num_workers, cfg.batch_size)
@@ -422,7 +431,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=str(Path(cfg.storage_path).resolve()),
+            storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]
             ),

@@ -1,3 +1,4 @@
+import io
 import multiprocessing
 from pathlib import Path
 
@@ -71,6 +72,6 @@ def test_exports(tmp_path: Path):
     md = leaderboard.render(table, "md")
     assert md.splitlines()[0].startswith("| rank | agent |") and "| 1 | a |" in md
     csv = leaderboard.render(table, "csv")
-    assert pd.read_csv(__import__("io").StringIO(csv)).shape[0] == 2
+    assert pd.read_csv(io.StringIO(csv)).shape[0] == 2
     page = leaderboard.render(table, "html")
     assert page.count("<rect") >= 6 and "<svg" in page and "b&lt;script&gt;" in page and "<script>" not in page

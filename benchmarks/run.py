@@ -24,7 +24,7 @@ from harness.bench import load_tasks, load_taxonomy
 from harness.bench.synth import write_sample
 from harness.config import build
 from harness.evaluate import EvalConfig, evaluate
-from harness.model import ModelSettings, load_model, load_tokenizer, make_tiny
+from harness.model import ModelSettings, add_behavior_tokens, load_model, load_tokenizer, make_tiny
 from harness.prompts import encode_example, prompt_text, target_text
 from harness.scoring import label_scores
 from harness.tokens import TokenDesign
@@ -55,17 +55,6 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def behavior_model(tiny: Path, out: Path) -> Path:
-    """The tiny model with behavior tokens (weights as initialised: throughput does not need training)."""
-    tokenizer, model = load_tokenizer(str(tiny)), load_model(ModelSettings(str(tiny)))
-    design = TokenDesign()
-    design.apply(tokenizer, model, load_taxonomy())
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    design.save(out)
-    return out
 
 
 def plain_eval(model_dir: Path, data: Path, split: str, batch_size: int = 16) -> tuple[float, int]:
@@ -166,7 +155,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     data = write_sample(work / "data", tasks=3000, seed=0)
     tiny = make_tiny(data, work / "tiny")
-    bsft = behavior_model(tiny, work / "bsft")
+    bsft = add_behavior_tokens(tiny, work / "bsft", TokenDesign(), load_taxonomy())  # throughput needs no training
     rows: list[tuple[str, str, str]] = []
 
     plain_s, n = plain_eval(bsft, data, "test")

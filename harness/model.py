@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from harness.bench.taxonomy import Taxonomy
+    from harness.tokens import TokenDesign
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -92,6 +95,17 @@ def wrap_lora(model: PreTrainedModel, lora: LoraSettings, new_token_ids: list[in
         trainable_token_indices={"embed_tokens": list(new_token_ids)} if new_token_ids else None,
     )
     return get_peft_model(model, config)
+
+
+def add_behavior_tokens(base: str | Path, out: str | Path, design: TokenDesign, taxonomy: Taxonomy) -> Path:
+    """Save `base` with `design`'s behavior tokens added and initialised, untrained: a model that a
+    behaviorsft agent can load before any fine-tuning (a baseline, and a fixed model to benchmark)."""
+    tokenizer, model = load_tokenizer(str(base)), load_model(ModelSettings(str(base)))
+    design.apply(tokenizer, model, taxonomy)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    design.save(out)
+    return Path(out)
 
 
 def make_tiny(data: str | Path, out: str | Path, vocab_size: int = 2048, seed: int = 0) -> Path:

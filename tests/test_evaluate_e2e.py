@@ -15,7 +15,7 @@ import yaml
 from harness import config, leaderboard
 from harness.bench import load_taxonomy
 from harness.evaluate import PREDICTION_SCHEMA, EvalConfig, evaluate
-from harness.model import ModelSettings, load_model, load_tokenizer
+from harness.model import add_behavior_tokens
 from harness.tokens import TokenDesign
 
 pytestmark = pytest.mark.slow
@@ -25,13 +25,7 @@ pytestmark = pytest.mark.slow
 def behavior_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny model with BehaviorSFT tokens added (untrained): what a behaviorsft agent loads."""
     out = tmp_path_factory.mktemp("bsft") / "model"
-    tokenizer, model = load_tokenizer(str(tiny_model)), load_model(ModelSettings(str(tiny_model)))
-    design = TokenDesign(granularity="task_type")
-    design.apply(tokenizer, model, load_taxonomy())
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    design.save(out)
-    return out
+    return add_behavior_tokens(tiny_model, out, TokenDesign(granularity="task_type"), load_taxonomy())
 
 
 def _config(sample, tiny_model, behavior_model, tmp_path, **extra) -> dict:

@@ -25,8 +25,9 @@ from harness.bench.synth import write_sample
 from harness.config import build
 from harness.evaluate import EvalConfig, evaluate
 from harness.model import ModelSettings, add_behavior_tokens, load_model, load_tokenizer, make_tiny
-from harness.prompts import encode_example, prompt_text, target_text
+from harness.prompts import encode_example, target_text
 from harness.scoring import label_scores
+from harness.selection import Mode, Strategy, agent_prompt
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, pad_batch, train
 
@@ -66,9 +67,10 @@ def plain_eval(model_dir: Path, data: Path, split: str, batch_size: int = 16) ->
     began = time.perf_counter()
     labels = design.label_token_ids(tokenizer, taxonomy)
     prompts = [
-        tokenizer(prompt_text(tokenizer, list(m), "behaviorsft", design, taxonomy), add_special_tokens=False)[
-            "input_ids"
-        ]
+        tokenizer(
+            agent_prompt(tokenizer, list(m), Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy),
+            add_special_tokens=False,
+        )["input_ids"]
         for m in frame["messages"]
     ]
     for start in range(0, len(prompts), batch_size):
@@ -125,8 +127,8 @@ def plain_train(model_dir: Path, data: Path, steps: int, batch_size: int = 16) -
     examples = [
         encode_example(
             tokenizer,
-            prompt_text(tokenizer, list(r["messages"]), "behaviorsft", design, taxonomy),
-            target_text(r, "behaviorsft", design, taxonomy),
+            agent_prompt(tokenizer, list(r["messages"]), Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy),
+            target_text(r, design, taxonomy),
             384,
         )
         for r in frame.to_dict("records")

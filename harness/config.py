@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,5 +121,10 @@ def load(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str
     return build(cls, apply_overrides(values, list(overrides)), where)
 
 
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {key: value.value if isinstance(value, Enum) else value for key, value in items}
+
+
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """A dataclass config as plain YAML-safe values (enums as their values)."""
+    return dataclasses.asdict(config, dict_factory=_plain)

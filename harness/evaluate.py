@@ -1,10 +1,11 @@
 """Evaluate many agents on BehaviorBench in one Ray Data job, in parallel, resumably.
 
 The split is read once (streaming, then materialized in the object store); each agent is an actor
-pool (`map_batches` over a callable class) that formats prompts for its mode and selects behaviors;
-all agents' pipelines run as one union, so one streaming executor schedules them side by side.
-Predictions land as Parquet parts per agent as they arrive: a killed job resumes with the tasks
-that have no prediction yet, and an agent whose predictions are complete is not run again.
+pool (`map_batches` over a callable class) that selects behaviors through `harness.selection`; all
+agents' pipelines run as one union, so one streaming executor schedules them side by side.
+Predictions land in each agent's `PredictionStore` as they arrive: a killed job resumes with the
+tasks that have no prediction yet, and an agent whose predictions are final is not run again.
+An agent whose batches keep failing is reported with its root cause; the others finish and are recorded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,35 +22,24 @@ import pandas as pd
 
 from harness import leaderboard
 from harness.bench.io import fingerprint, load_dataset
-from harness.bench.taxonomy import load_taxonomy
-from harness.errors import ConfigError
-from harness.files import write_parquet
+from harness.bench.taxonomy import Taxonomy, load_taxonomy
+from harness.errors import ConfigError, HarnessError
 from harness.metrics import score
-from harness.model import ModelSettings, load_model, load_tokenizer, local_or_hub
-from harness.prompts import MODES, prompt_text
-from harness.scoring import classify_answer, generate_answers, label_scores
+from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer, local_or_hub
+from harness.names import check_name, name_problem
+from harness.predictions import PredictionStore
+from harness.selection import Mode, Selector, Strategy, encode_prompt, parse_mode, parse_strategy
 from harness.tokens import TokenDesign
 
-PREDICTION_SCHEMA = {
-    "task_id": "string",
-    "agent": "string",
-    "category": "string",
-    "task_type": "string",
-    "gold_behavior": "string",
-    "hard": "bool",
-    "pred_behavior": "string",
-    "pred_label": "string",
-    "scores": "string",  # JSON: label -> log-probability (behavior-token agents)
-    "answer": "string",
-    "latency_ms": "float64",
-}
+BATCH_TRIES = 2  # tries of one model batch before its tasks are reported as failed
 
 
 @dataclass
 class AgentSpec:
     name: str
-    model: str  # hub id, local path, run:<run name>, or sweep:<sweep name>:best
-    mode: str = "zero_shot"
+    model: str  # hub id, local path, packaged name (smollm2), run:<run name>, or sweep:<sweep name>:best
+    mode: Mode = Mode.ZERO_SHOT
+    strategy: Strategy | None = None  # behavior_token, generate or choice; None: the mode's default
     design: TokenDesign | None = None  # behaviorsft: read from the model directory when absent
     replicas: int = 1
     num_cpus: float = 1.0
@@ -59,10 +49,18 @@ class AgentSpec:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode: {self.mode!r} is not one of {list(MODES)}")
-        if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ValueError(f"name: {self.name!r} must be letters, digits, '-', '_' or '.'")
+        problem = name_problem(self.name)
+        if problem:
+            raise ValueError(f"name: {problem}")
+        self.mode = parse_mode(self.mode, "mode")
+        self.strategy = parse_strategy(self.strategy, self.mode, "strategy")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
+        for key in ("replicas", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(f"num_cpus must be > 0 and num_gpus >= 0, got {self.num_cpus} and {self.num_gpus}")
 
 
 @dataclass
@@ -72,7 +70,7 @@ class EvalConfig:
     taxonomy: str | None = None
     split: str = "test"
     skip_bad_rows: bool = False
-    max_tasks: int | None = None
+    max_tasks: int | None = None  # the first N tasks of the split by task_id (stable across re-runs)
     output_dir: str = "artifacts/eval"
     runs_dir: str = "artifacts/runs"
     leaderboard: str = "results/leaderboard.parquet"
@@ -89,14 +87,19 @@ class EvalConfig:
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"agents: duplicate name(s) {duplicated}")
+        for key, low in (("part_size", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1), ("bootstrap", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key}: must be at least {low}, got {getattr(self, key)}")
+        if self.max_tasks is not None and self.max_tasks < 1:
+            raise ValueError(f"max_tasks: must be at least 1 or null, got {self.max_tasks}")
 
 
 def resolve_model(reference: str, runs_dir: str | Path) -> str:
     """A model reference as a loadable path or hub id: `run:NAME` is that run's final model and
-    `sweep:NAME:best` the best trial of a sweep."""
+    `sweep:NAME:best` the best trial of a sweep; names never leave `runs_dir`."""
     runs = Path(runs_dir).resolve()
     if reference.startswith("run:"):
-        path = runs / reference[4:] / "final"
+        path = runs / check_name(reference[4:], f"model {reference}") / "final"
         if not (path / "config.json").exists():
             raise ConfigError(f"model {reference}: no finished training run at {path}")
         return str(path)
@@ -104,11 +107,14 @@ def resolve_model(reference: str, runs_dir: str | Path) -> str:
         parts = reference.split(":")
         if len(parts) != 3 or parts[2] != "best":
             raise ConfigError(f"model {reference}: expected sweep:<sweep name>:best")
-        best = runs / "sweeps" / parts[1] / "best.json"
+        best = runs / "sweeps" / check_name(parts[1], f"model {reference}") / "best.json"
         if not best.exists():
             raise ConfigError(f"model {reference}: no finished sweep at {best.parent}")
         return json.loads(best.read_text())["final_model"]
-    return local_or_hub(reference)
+    path = local_or_hub(reference)
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+        raise ConfigError(f"model {reference}: {path} is not a Hugging Face model directory (no config.json)")
+    return path
 
 
 def _model_stamp(path: str) -> str:
@@ -131,24 +137,28 @@ class ResolvedAgent:
         return f"{self.spec.name}-{self.run_id}"
 
 
-def resolve_agents(cfg: EvalConfig, dataset_id: str) -> list[ResolvedAgent]:
+def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list[ResolvedAgent]:
+    """Each agent's model path, token design and run id (what its predictions depend on)."""
+    taxonomy_id = hashlib.sha256(Path(taxonomy.source).read_bytes()).hexdigest()[:16]
     resolved = []
     for spec in cfg.agents:
         path = resolve_model(spec.model, cfg.runs_dir)
         design = spec.design
-        if spec.mode == "behaviorsft" and design is None:
+        if spec.mode is Mode.BEHAVIORSFT and design is None:
             design = TokenDesign.load(path)
             if design is None:
                 raise ConfigError(
                     f"agent {spec.name}: mode behaviorsft but {path} has no token_design.json "
                     "and the agent sets no design"
                 )
+        design = design if spec.mode is Mode.BEHAVIORSFT else None
         identity = json.dumps(
             [
-                asdict(spec),
+                {**asdict(spec), "design": asdict(design) if design else None, "replicas": None, "num_cpus": None},
                 path,
                 _model_stamp(path),
                 dataset_id,
+                taxonomy_id,
                 cfg.split,
                 cfg.max_tasks,
                 cfg.answers,
@@ -159,103 +169,97 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str) -> list[ResolvedAgent]:
             default=str,
         )
         run_id = hashlib.sha256(identity.encode()).hexdigest()[:12]
-        resolved.append(ResolvedAgent(spec, path, design if spec.mode == "behaviorsft" else None, run_id))
+        resolved.append(ResolvedAgent(spec, path, design, run_id))
     return resolved
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
 class AgentPredictor:
-    """Ray Data callable class: one agent's model; selects behaviors for a batch of tasks."""
+    """Ray Data callable class: one agent's model; selects behaviors for a batch of tasks.
+
+    Failures (loading the model, or a model batch after `BATCH_TRIES` tries) come back as rows whose
+    `error` holds the traceback, so the driver can report them and the other agents go on.
+    """
 
     def __init__(self, agent: ResolvedAgent, cfg: EvalConfig):
+        self.agent, self.cfg, self.failure = agent, cfg, ""
+        try:
+            self.selector = self._load()
+        except Exception as exc:  # reported per task by __call__, with its traceback
+            self.failure = "".join(traceback.format_exception(_root_cause(exc)))
+
+    def _load(self) -> Selector:
         import torch
 
-        self.agent, self.cfg = agent, cfg
-        self.taxonomy = load_taxonomy(cfg.taxonomy)
-        use_gpu = agent.spec.num_gpus > 0 and torch.cuda.is_available()
-        self.tokenizer = load_tokenizer(agent.model_path, agent.spec.trust_remote_code)
-        settings = ModelSettings(agent.model_path, agent.spec.dtype, agent.spec.trust_remote_code)
-        self.model = load_model(settings, use_gpu).to("cuda" if use_gpu else "cpu").eval()
-        self.design = agent.design
-        if self.design is not None:
-            added = self.design.apply(self.tokenizer, self.model, self.taxonomy)
-            if added:
-                raise ConfigError(
-                    f"agent {agent.spec.name}: {agent.model_path} lacks the behavior tokens of "
-                    f"design {self.design.name}; was it trained with it?"
-                )
-            self.labels = self.taxonomy.labels(self.design.granularity)
-            self.label_ids = self.design.label_token_ids(self.tokenizer, self.taxonomy)
+        spec, taxonomy = self.agent.spec, load_taxonomy(self.cfg.taxonomy)
+        use_gpu = spec.num_gpus > 0 and torch.cuda.is_available()
+        tokenizer = load_tokenizer(self.agent.model_path, spec.trust_remote_code)
+        settings = ModelSettings(self.agent.model_path, spec.dtype, spec.trust_remote_code)
+        model = load_model(settings, use_gpu).to("cuda" if use_gpu else "cpu").eval()
+        design = self.agent.design
+        if design is not None and design.apply(tokenizer, model, taxonomy):
+            raise ConfigError(
+                f"agent {spec.name}: {self.agent.model_path} lacks the behavior tokens of design {design.name}; "
+                "was it trained with it?"
+            )
+        cfg, strategy = self.cfg, Strategy(spec.strategy)
+        return Selector(model, tokenizer, taxonomy, spec.mode, strategy, design, cfg.answers, cfg.max_new_tokens)
 
-    def _prompt_ids(self, messages) -> list[int]:
-        text = prompt_text(self.tokenizer, list(messages), self.agent.spec.mode, self.design, self.taxonomy)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.cfg.max_prompt_tokens :]
+    def _select(self, prompts: list[list[int]]) -> tuple[list, str]:
+        """Selections of one model batch, or the last error's traceback after BATCH_TRIES tries."""
+        for _ in range(BATCH_TRIES):
+            try:
+                return self.selector.select(prompts), ""
+            except Exception as exc:  # e.g. out of memory; retried, then reported
+                error = "".join(traceback.format_exception(exc))
+        return [], error
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["task_id"])
-        prompts = [self._prompt_ids(m) for m in batch["messages"]]
         out: dict[str, list] = {
-            k: [None] * n for k in ("pred_behavior", "pred_label", "scores", "answer", "latency_ms")
+            k: [None] * n for k in ("pred_behavior", "pred_label", "scores", "answer", "latency_ms", "error")
         }
-        order = sorted(range(n), key=lambda i: len(prompts[i]))  # length buckets: little padding
-        size = self.agent.spec.batch_size
-        for start in range(0, n, size):
-            group = order[start : start + size]
-            began = time.perf_counter()
-            chunk = [prompts[i] for i in group]
-            answers = [""] * len(group)
-            if self.design is not None:
-                scores = label_scores(self.model, chunk, self.label_ids, self.tokenizer.pad_token_id)
-                labels = [self.labels[j] for j in scores.argmax(1).tolist()]
-                behaviors = [self.taxonomy.behavior_of_label(self.design.granularity, lab) for lab in labels]
-                score_json = [json.dumps(dict(zip(self.labels, row, strict=True))) for row in scores.tolist()]
-                if self.cfg.answers:
-                    answers = generate_answers(self.model, self.tokenizer, chunk, self.cfg.max_new_tokens)
-            else:
-                answers = generate_answers(self.model, self.tokenizer, chunk, self.cfg.max_new_tokens)
-                behaviors = [classify_answer(a) for a in answers]
-                labels, score_json = behaviors, ["{}"] * len(group)
-            latency = (time.perf_counter() - began) * 1000 / len(group)
-            for k, i in enumerate(group):
-                out["pred_behavior"][i], out["pred_label"][i] = behaviors[k], labels[k]
-                out["scores"][i], out["answer"][i], out["latency_ms"][i] = score_json[k], answers[k], latency
+        if self.failure:
+            out["error"] = [self.failure] * n
+        else:
+            tokenizer = self.selector.tokenizer
+            prompts = [
+                encode_prompt(tokenizer, self.selector.prompt(list(m)), self.cfg.max_prompt_tokens)
+                for m in batch["messages"]
+            ]
+            order = sorted(range(n), key=lambda i: len(prompts[i]))  # length buckets: little padding
+            size = self.agent.spec.batch_size
+            for start in range(0, n, size):
+                group = order[start : start + size]
+                began = time.perf_counter()
+                selections, error = self._select([prompts[i] for i in group])
+                latency = (time.perf_counter() - began) * 1000 / len(group)
+                for k, i in enumerate(group):
+                    out["error"][i], out["latency_ms"][i] = error, latency
+                    if selections:
+                        chosen = selections[k]
+                        out["pred_behavior"][i], out["pred_label"][i] = chosen.behavior, chosen.label
+                        out["scores"][i], out["answer"][i] = chosen.scores, chosen.answer
         return {
             "task_id": list(batch["task_id"]),
+            "case_id": list(batch["case_id"]),
             "agent": [self.agent.spec.name] * n,
             "category": list(batch["category"]),
             "task_type": list(batch["task_type"]),
             "gold_behavior": list(batch["gold_behavior"]),
             "hard": [bool(h) for h in batch["hard"]],
+            "strategy": [Strategy(self.agent.spec.strategy).value] * n,
             **out,
         }
 
 
-def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[list(PREDICTION_SCHEMA)].astype(PREDICTION_SCHEMA)
-
-
-def _done_ids(parts_dir: Path) -> set[str]:
-    if not parts_dir.exists():
-        return set()
-    return {
-        t
-        for part in sorted(parts_dir.glob("part-*.parquet"))
-        for t in pd.read_parquet(part, columns=["task_id"])["task_id"]
-    }
-
-
-def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
-    """Run every agent that has no complete predictions yet; score all; update the leaderboard.
-
-    Returns the tidy metrics rows written to the leaderboard for this config's agents.
-    """
-    import ray
-
-    taxonomy = load_taxonomy(cfg.taxonomy)
-    dataset_id = fingerprint(cfg.data)
-    agents = resolve_agents(cfg, dataset_id)
-    out = Path(cfg.output_dir).resolve()
-    if not ray.is_initialized():
-        ray.init()
+def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Path):
+    """The split's tasks (the first `max_tasks` by task_id), materialized in parts, and their ids."""
     tasks = load_dataset(
         Path(cfg.data).resolve(),
         taxonomy,
@@ -264,22 +268,51 @@ def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
         clean_dir=out,
     )
     split = cfg.split
-    tasks = tasks.filter(lambda row: row["split"] == split)
-    if cfg.max_tasks:
-        tasks = tasks.limit(cfg.max_tasks)
-    tasks = tasks.materialize()
-    total = tasks.count()
-    if total == 0:
+    tasks = tasks.filter(lambda row: row["split"] == split).materialize()
+    ids = sorted(tasks.select_columns(["task_id"]).to_pandas()["task_id"])
+    if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
+    if cfg.max_tasks and cfg.max_tasks < len(ids):
+        chosen = frozenset(ids[: cfg.max_tasks])
+        tasks, ids = tasks.filter(lambda row: row["task_id"] in chosen), sorted(chosen)
     tasks = tasks.repartition(target_num_rows_per_block=cfg.part_size, strict=True).materialize()
+    return tasks, set(ids)
+
+
+def _write_failure(store: PredictionStore, name: str, error: str) -> str:
+    """Save a failed agent's traceback beside its predictions; return the one line to show."""
+    log = store.parts_dir / "error.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(error)
+    last = next((line for line in reversed(error.strip().splitlines()) if line.strip()), "unknown error")
+    return f"agent {name}: {last.strip()} (full traceback: {log})"
+
+
+def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
+    """Run every agent that has no final predictions yet; score all; update the leaderboard.
+
+    Returns the tidy metrics rows written to the leaderboard for this config's agents. Agents that
+    failed are reported together after the others are recorded (HarnessError).
+    """
+    import ray
+
+    taxonomy = load_taxonomy(cfg.taxonomy)
+    dataset_id = fingerprint(cfg.data)
+    agents = resolve_agents(cfg, dataset_id, taxonomy)
+    out = Path(cfg.output_dir).resolve()
+    stores = {a.spec.name: PredictionStore(out, a.key) for a in agents}
+    if not ray.is_initialized():
+        ray.init()
+    tasks, planned = _planned_tasks(cfg, taxonomy, out)
 
     pipelines, remaining = [], {}
     for agent in agents:
-        if (out / f"{agent.key}.parquet").exists():
+        store = stores[agent.spec.name]
+        if store.finished:
             continue
-        done = _done_ids(out / agent.key)
+        done = store.done_ids()
         todo = tasks if not done else tasks.filter(lambda row, done=frozenset(done): row["task_id"] not in done)
-        remaining[agent.spec.name] = total - len(done)
+        remaining[agent.spec.name] = len(planned - done)
         pipelines.append(
             todo.map_batches(
                 AgentPredictor,
@@ -288,36 +321,46 @@ def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
                 compute=ray.data.ActorPoolStrategy(size=agent.spec.replicas),
                 num_cpus=agent.spec.num_cpus,
                 num_gpus=agent.spec.num_gpus,
+                max_restarts=BATCH_TRIES,  # an actor that dies (e.g. killed for memory) is not retried forever
+                max_task_retries=BATCH_TRIES,
             )
         )
+    failures: dict[str, str] = {}
     if pipelines:
-        keys = {a.spec.name: a.key for a in agents}
         combined = pipelines[0].union(*pipelines[1:]) if len(pipelines) > 1 else pipelines[0]
         for batch in combined.iter_batches(batch_size=None, batch_format="pandas"):
             for name, rows in batch.groupby("agent"):
-                write_parquet(out / keys[name] / f"part-{uuid.uuid4().hex}.parquet", _typed(rows))
+                failed = rows["error"].fillna("") != ""
+                if failed.any() and name not in failures:
+                    failures[name] = _write_failure(stores[name], name, rows.loc[failed, "error"].iloc[0])
+                if (~failed).any():
+                    stores[name].add(rows[~failed])
                 if progress is not None:
                     progress(name, len(rows), remaining[name])
     metrics = []
     for agent in agents:
-        final = out / f"{agent.key}.parquet"
-        if not final.exists():
-            parts = [pd.read_parquet(p) for p in sorted((out / agent.key).glob("part-*.parquet"))]
-            predictions = pd.concat(parts, ignore_index=True).drop_duplicates("task_id", keep="first")
-            write_parquet(final, _typed(predictions.sort_values("task_id").reset_index(drop=True)))
-        rows = score(pd.read_parquet(final), samples=cfg.bootstrap)
+        store = stores[agent.spec.name]
+        if agent.spec.name in failures:
+            continue
+        if not store.finished:
+            store.finalize(planned)
+        rows = score(store.read(), samples=cfg.bootstrap)
         metrics.append(
             leaderboard.with_metadata(
                 rows,
                 run_id=agent.run_id,
                 agent=agent.spec.name,
                 model=agent.spec.model,
-                mode=agent.spec.mode,
+                mode=agent.spec.mode.value,
                 design=agent.design.name if agent.design else "",
                 dataset=dataset_id,
                 split=cfg.split,
             )
         )
-    table = pd.concat(metrics, ignore_index=True)
-    leaderboard.append(cfg.leaderboard, table)
+    table = pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(columns=leaderboard.COLUMNS)
+    if metrics:
+        leaderboard.append(cfg.leaderboard, table)
+    if failures:
+        recorded = f"; the other agents are recorded in {cfg.leaderboard}" if metrics else ""
+        raise HarnessError("; ".join(failures.values()) + recorded)
     return table

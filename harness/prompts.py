@@ -1,4 +1,5 @@
-"""Prompts: a task's conversation turned into model input for each agent mode, and training targets."""
+"""Prompts: a task's conversation turned into model input (with a system note or a choice question), and
+training targets."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from harness.tokens import TokenDesign
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-MODES = ("zero_shot", "instructed", "sft", "behaviorsft")
 
 # The paper's prompt-only baseline: explicit instructions describing when to intervene.
 INSTRUCTIONS = (
@@ -48,25 +47,33 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
 
 
 def prompt_text(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, Any]],
-    mode: str,
-    design: TokenDesign | None,
-    taxonomy: Taxonomy,
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], system_note: str = "", question: str = ""
 ) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode: {mode!r} is not one of {list(MODES)}")
-    extra = INSTRUCTIONS if mode == "instructed" else ""
-    if mode == "behaviorsft" and design is not None:
-        extra = design.system_note(taxonomy)
-    return render_prompt(tokenizer, conversation(messages, extra))
+    """The chat-formatted prompt of a task: `system_note` joins the system prompt and `question` (a choice
+    prompt) is asked at the end of the last user turn."""
+    turns = list(messages) + ([{"role": "user", "content": question}] if question else [])
+    return render_prompt(tokenizer, conversation(turns, system_note))
 
 
-def target_text(row: dict[str, Any], mode: str, design: TokenDesign | None, taxonomy: Taxonomy) -> str:
-    """What the model learns to answer: the reference, led by the behavior token for BehaviorSFT."""
-    if mode != "behaviorsft":
+def choice_question(taxonomy: Taxonomy) -> tuple[str, dict[str, str]]:
+    """The multiple-choice question of prompt-only agents and each behavior's option letter.
+
+    One option per behavior of the taxonomy, described by the taxonomy, lettered A, B, ...
+    """
+    letters = {behavior: chr(ord("A") + i) for i, behavior in enumerate(taxonomy.behaviors)}
+    options = " ".join(f"({letters[b]}) {taxonomy.behavior_descriptions.get(b, b)}" for b in taxonomy.behaviors)
+    question = (
+        "Before you reply, choose how to respond to the latest turn. "
+        f"{options} Reply with the letter of your choice only."
+    )
+    return question, letters
+
+
+def target_text(row: dict[str, Any], design: TokenDesign | None, taxonomy: Taxonomy) -> str:
+    """What the model learns to answer: the reference, led by the behavior token when there is a design
+    (BehaviorSFT); the reference alone for standard SFT."""
+    if design is None:
         return row["reference"]
-    assert design is not None
     label = taxonomy.label_of(design.granularity, row["category"], row["gold_behavior"])
     return design.target(label, row["reference"])
 

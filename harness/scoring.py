@@ -1,4 +1,4 @@
-"""Behavior selection from a model: scores over behavior tokens, greedy answers, and the answer rule."""
+"""Model primitives of behavior selection: label log-probabilities, greedy answers, and the answer rule."""
 
 from __future__ import annotations
 
@@ -48,13 +48,13 @@ def label_scores(
 ) -> torch.Tensor:
     """Log-probability of each label's tokens right after each prompt: a [batch, labels] tensor.
 
-    Single-token labels (special behavior tokens) take one forward pass: the log-softmax at the
-    first answer position. Multi-token labels (plain-text tags) take one pass per label.
+    Single-token labels (special behavior tokens, option letters) take one forward pass that computes the
+    LM head at the first answer position only. Multi-token labels (plain-text tags) take one pass per label.
     """
     device = _device(model)
     if all(len(ids) == 1 for ids in label_ids):
         ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
         return logits.float().log_softmax(-1)[:, [ids[0] for ids in label_ids]].cpu()
     columns = []
     for label in label_ids:

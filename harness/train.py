@@ -27,10 +27,15 @@ from harness.config import build, to_dict
 from harness.errors import ConfigError
 from harness.files import write_text
 from harness.model import LoraSettings, ModelSettings, load_model, load_tokenizer, local_or_hub, wrap_lora
-from harness.prompts import encode_example, prompt_text, target_text
+from harness.names import name_problem
+from harness.prompts import encode_example, target_text
+from harness.selection import DEFAULT_STRATEGY, Mode, Selector, Strategy, agent_prompt, encode_prompt, parse_mode
 from harness.tokens import TokenDesign
 
-TRAIN_MODES = ("behaviorsft", "sft")
+TRAIN_MODES = (Mode.BEHAVIORSFT, Mode.SFT)
+# Keys that change how a run executes or where it is kept, not what it learns: a finished run is reused
+# when every other key matches.
+RUNTIME_KEYS = ("storage_path", "max_failures", "keep_checkpoints", "log_every", "resources_per_worker")
 CONFIG_FILE = "train_config.yaml"
 BUCKET_BATCHES = 16  # length-bucketing window, in batches
 # CPU share of each data-preparation task and actor: light work, and concurrent sweep trials
@@ -49,7 +54,7 @@ class DeepSpeedSettings:
 @dataclass
 class TrainConfig:
     run_name: str = "behaviorsft-tiny"
-    mode: str = "behaviorsft"
+    mode: Mode = Mode.BEHAVIORSFT
     data: str = "artifacts/data/tasks.jsonl"
     taxonomy: str | None = None
     skip_bad_rows: bool = False
@@ -77,8 +82,12 @@ class TrainConfig:
     max_failures: int = 1
 
     def __post_init__(self) -> None:
+        problem = name_problem(self.run_name)
+        if problem:
+            raise ValueError(f"run_name: {problem}")
+        self.mode = parse_mode(self.mode, "mode")
         if self.mode not in TRAIN_MODES:
-            raise ValueError(f"mode: {self.mode!r} is not one of {list(TRAIN_MODES)}")
+            raise ValueError(f"mode: {self.mode.value!r} is not one of {[m.value for m in TRAIN_MODES]}")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"deepspeed.zero_stage: {self.deepspeed.zero_stage} is not 0, 1, 2 or 3")
         for name in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "log_every"):
@@ -191,18 +200,15 @@ class Encode:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         cfg, out = self.cfg, {"input_ids": [], "labels": [], "prompt_ids": [], "gold_behavior": []}
-        design = cfg.design if cfg.mode == "behaviorsft" else None
+        design = cfg.design if cfg.mode is Mode.BEHAVIORSFT else None
+        strategy = DEFAULT_STRATEGY[cfg.mode]
         for i in range(len(batch["task_id"])):
             row = {k: batch[k][i] for k in ("messages", "category", "gold_behavior", "reference")}
-            prompt = prompt_text(self.tokenizer, list(row["messages"]), cfg.mode, design, self.taxonomy)
-            example = encode_example(
-                self.tokenizer, prompt, target_text(row, cfg.mode, design, self.taxonomy), cfg.max_length
-            )
+            prompt = agent_prompt(self.tokenizer, list(row["messages"]), cfg.mode, strategy, design, self.taxonomy)
+            example = encode_example(self.tokenizer, prompt, target_text(row, design, self.taxonomy), cfg.max_length)
             out["input_ids"].append(example["input_ids"])
             out["labels"].append(example["labels"])
-            out["prompt_ids"].append(
-                [t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab == -100]
-            )
+            out["prompt_ids"].append(encode_prompt(self.tokenizer, prompt, cfg.max_length))  # as evaluation encodes
             out["gold_behavior"].append(row["gold_behavior"])
         return out
 
@@ -239,25 +245,22 @@ def _save_model(model, tokenizer, cfg: TrainConfig, out: Path, merge: bool) -> N
 
 
 def evaluate_dev(module, tokenizer, cfg: TrainConfig, taxonomy: Taxonomy, dev: list[dict]) -> dict[str, float]:
-    """Dev loss and, for BehaviorSFT, Macro F1 of behavior selection from the behavior-token scores."""
+    """Dev loss and, for BehaviorSFT, Macro F1 of behavior selection, selected as evaluation selects."""
     import torch
 
     from harness.metrics import macro_f1
-    from harness.scoring import label_scores
 
     device = next(module.parameters()).device
     losses, gold, pred = [], [], []
-    labels = cfg.design.label_token_ids(tokenizer, taxonomy)
-    names = taxonomy.labels(cfg.design.granularity)
+    selector = Selector(module, tokenizer, taxonomy, cfg.mode, Strategy.BEHAVIOR_TOKEN, cfg.design)
     module.eval()
     with torch.no_grad():
         for start in range(0, len(dev), cfg.batch_size):
             chunk = dev[start : start + cfg.batch_size]
             batch = pad_batch(chunk, tokenizer.pad_token_id)
             losses.append(module(**{k: v.to(device) for k, v in batch.items()}).loss.float().item())
-            if cfg.mode == "behaviorsft":
-                scores = label_scores(module, [list(r["prompt_ids"]) for r in chunk], labels, tokenizer.pad_token_id)
-                pred += [taxonomy.behavior_of_label(cfg.design.granularity, names[i]) for i in scores.argmax(1)]
+            if cfg.mode is Mode.BEHAVIORSFT:
+                pred += [s.behavior for s in selector.select([list(r["prompt_ids"]) for r in chunk])]
                 gold += [r["gold_behavior"] for r in chunk]
     module.train()
     metrics = {"dev_loss": sum(losses) / max(len(losses), 1)}
@@ -282,7 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     taxonomy = load_taxonomy(cfg.taxonomy)
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model = load_model(cfg.model, cfg.use_gpu)
-    new_rows = cfg.design.apply(tokenizer, model, taxonomy) if cfg.mode == "behaviorsft" else []
+    new_rows = cfg.design.apply(tokenizer, model, taxonomy) if cfg.mode is Mode.BEHAVIORSFT else []
     model.config.use_cache = False
     if cfg.lora.enabled:
         model = wrap_lora(model, cfg.lora, new_rows)
@@ -373,6 +376,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save(metrics, final=False)
 
 
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key != "resources_per_worker":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between a run's saved config and `current`, runtime keys aside."""
+    old, new = _flat(saved), _flat(current)
+    return sorted(k for k in old.keys() | new.keys() if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
+
+
 def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
     """Validated, tokenized train and dev datasets (materialized) and the train row count."""
     from ray.data import ActorPoolStrategy
@@ -413,15 +432,23 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = cfg.resolved()
-    final, metrics_file = cfg.run_dir / "final", cfg.run_dir / "final_metrics.json"
+    final, metrics_file, saved = cfg.run_dir / "final", cfg.run_dir / "final_metrics.json", cfg.run_dir / CONFIG_FILE
+    progressed = (final / "config.json").exists() or any(cfg.run_dir.glob("checkpoint_*"))
+    if saved.exists() and progressed:
+        differ = _differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
+        if differ:
+            raise ConfigError(
+                f"run {cfg.run_name}: {saved} was made with another config ({', '.join(differ)} differ); "
+                "choose another run_name, or restore those values to resume or reuse it"
+            )
     if (final / "config.json").exists() and metrics_file.exists():
         print(f"[harness] run {cfg.run_name} already finished: reusing {final} (delete {cfg.run_dir} to retrain)")
         return TrainResult(cfg.run_dir, final, json.loads(metrics_file.read_text()))
     init_ray(cfg.use_gpu)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     datasets, rows = prepare_datasets(cfg)
     steps_per_epoch = batches_per_epoch(rows // cfg.num_workers, cfg.batch_size)
-    score = ("dev_macro_f1", "max") if cfg.mode == "behaviorsft" else ("dev_loss", "min")
+    score = ("dev_macro_f1", "max") if cfg.mode is Mode.BEHAVIORSFT else ("dev_loss", "min")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "steps_per_epoch": steps_per_epoch},

@@ -1,5 +1,6 @@
 """Real Ray Data evaluations of agents on the tiny model, in parallel, with resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +15,10 @@ import yaml
 
 from harness import config, leaderboard
 from harness.bench import load_taxonomy
-from harness.evaluate import PREDICTION_SCHEMA, EvalConfig, evaluate
+from harness.errors import HarnessError
+from harness.evaluate import EvalConfig, evaluate
 from harness.model import add_behavior_tokens
+from harness.predictions import PREDICTION_SCHEMA
 from harness.tokens import TokenDesign
 
 pytestmark = pytest.mark.slow
@@ -47,7 +50,8 @@ def _config(sample, tiny_model, behavior_model, tmp_path, **extra) -> dict:
 def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, behavior_model, tmp_path, ray_local):
     cfg = config.build(EvalConfig, _config(sample, tiny_model, behavior_model, tmp_path, part_size=32))
     table = evaluate(cfg)
-    test_ids = set(pd.read_json(sample, lines=True).query("split == 'test'").task_id)
+    tasks = pd.read_json(sample, lines=True).query("split == 'test'")
+    test_ids = set(tasks.task_id)
     out = Path(cfg.output_dir)
     finals = sorted(out.glob("*.parquet"))
     assert len(finals) == 2
@@ -63,6 +67,12 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     bsft = pd.read_parquet(next(p for p in finals if p.name.startswith("bsft")))
     assert set(bsft.pred_label) <= {"reactive", "proactive", "restraint"}
     assert bsft.scores.str.startswith('{"reactive"').all() and (bsft.latency_ms > 0).all()
+    assert set(bsft.strategy) == {"behavior_token"} and bsft.answer.notna().all()
+    zero = pd.read_parquet(next(p for p in finals if p.name.startswith("zero-shot")))
+    assert set(zero.strategy) == {"choice"} and set(zero.pred_label) <= {"reactive", "proactive"}
+    assert all(sorted(json.loads(s)) == ["proactive", "reactive"] for s in zero.scores)
+    assert (zero.answer == "").all()  # a choice prompt asks for a letter: no answer is generated
+    assert (bsft.case_id == bsft.task_id.map(dict(zip(tasks.task_id, tasks.case_id, strict=True)))).all()
     assert set(table.agent) == {"zero-shot", "bsft"}
     before = leaderboard.read(cfg.leaderboard)
     parts = sorted(out.glob("*/part-*.parquet"))
@@ -100,3 +110,34 @@ def test_killed_evaluation_resumes_without_duplicates(sample, tiny_model, behavi
     board = leaderboard.read(values["leaderboard"])
     assert board.groupby(["agent", "subset", "slice", "metric"]).size().max() == 1
     assert "bsft" in second.stdout and "zero-shot" in second.stdout
+
+
+def test_a_failing_agent_is_reported_in_one_line_and_the_others_are_recorded(
+    sample, tiny_model, behavior_model, tmp_path, ray_local
+):
+    broken = tmp_path / "broken-model"  # a config but no weights: loading fails inside the Ray actor
+    broken.mkdir()
+    (broken / "config.json").write_text((Path(tiny_model) / "config.json").read_text())
+    values = _config(sample, tiny_model, behavior_model, tmp_path, part_size=64, max_tasks=40)
+    values["agents"].append({"name": "broken", "model": str(broken), "mode": "zero_shot", "num_cpus": 0.5})
+    cfg = config.build(EvalConfig, values)
+    with pytest.raises(HarnessError) as failure:
+        evaluate(cfg)
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith("agent broken: ")
+    log = Path(message.split("(full traceback: ")[1].rstrip(")").split(")")[0])
+    assert log.exists() and "Traceback" in log.read_text()
+    board = leaderboard.read(cfg.leaderboard)
+    assert set(board.agent) == {"zero-shot", "bsft"}  # the other agents finished and were recorded
+    finals = sorted(p.name.split("-")[0] for p in Path(cfg.output_dir).glob("*.parquet"))
+    assert finals == ["bsft", "zero"]
+    assert all(len(pd.read_parquet(p)) == 40 for p in Path(cfg.output_dir).glob("*.parquet"))
+
+
+def test_max_tasks_takes_the_first_tasks_by_id(sample, tiny_model, behavior_model, tmp_path, ray_local):
+    values = _config(sample, tiny_model, behavior_model, tmp_path, part_size=16, max_tasks=20, answers=False)
+    values["agents"] = values["agents"][1:]
+    evaluate(config.build(EvalConfig, values))
+    (final,) = Path(values["output_dir"]).glob("*.parquet")
+    expected = sorted(pd.read_json(sample, lines=True).query("split == 'test'").task_id)[:20]
+    assert list(pd.read_parquet(final).task_id) == expected

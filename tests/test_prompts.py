@@ -1,6 +1,7 @@
 from harness.bench import load_taxonomy
 from harness.model import load_tokenizer
-from harness.prompts import INSTRUCTIONS, conversation, encode_example, prompt_text, target_text
+from harness.prompts import INSTRUCTIONS, choice_question, conversation, encode_example, target_text
+from harness.selection import Mode, Strategy, agent_prompt
 from harness.tokens import TokenDesign
 from harness.train import pad_batch
 
@@ -24,10 +25,10 @@ def test_prompt_masking_and_targets(tiny_model):
     design = TokenDesign()
     design.add_to_tokenizer(tokenizer, taxonomy)
     row = {"category": "risk_identification", "gold_behavior": "proactive", "reference": "Caution: allergy."}
-    target = target_text(row, "behaviorsft", design, taxonomy)
+    target = target_text(row, design, taxonomy)
     assert target == "<behavior:proactive> Caution: allergy."
-    assert target_text(row, "sft", None, taxonomy) == "Caution: allergy."
-    prompt = prompt_text(tokenizer, MESSAGES, "behaviorsft", design, taxonomy)
+    assert target_text(row, None, taxonomy) == "Caution: allergy."
+    prompt = agent_prompt(tokenizer, MESSAGES, Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy)
     assert prompt.endswith("<|im_start|>assistant\n")
     example = encode_example(tokenizer, prompt, target, max_length=512)
     prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -38,7 +39,21 @@ def test_prompt_masking_and_targets(tiny_model):
     assert learned[-1] == tokenizer.eos_token_id
     short = encode_example(tokenizer, prompt, target, max_length=40)
     assert len(short["input_ids"]) == 40 and short["labels"][-len(learned) :] == learned
-    assert INSTRUCTIONS in prompt_text(tokenizer, MESSAGES, "instructed", None, taxonomy)
+    instructed = agent_prompt(tokenizer, MESSAGES, Mode.INSTRUCTED, Strategy.GENERATE, None, taxonomy)
+    assert INSTRUCTIONS in instructed and "Reply with the letter" not in instructed
+
+
+def test_choice_prompt_asks_last_with_one_lettered_option_per_behavior(tiny_model):
+    taxonomy = load_taxonomy()
+    tokenizer = load_tokenizer(str(tiny_model))
+    question, letters = choice_question(taxonomy)
+    assert letters == {"reactive": "A", "proactive": "B"}
+    assert "(A) Answer what was asked" in question and "(B) Intervene unprompted" in question
+    prompt = agent_prompt(tokenizer, MESSAGES, Mode.ZERO_SHOT, Strategy.CHOICE, None, taxonomy)
+    assert prompt.endswith(question + "<|im_end|>\n<|im_start|>assistant\n")
+    assert "amoxicillin" in prompt and INSTRUCTIONS not in prompt
+    instructed = agent_prompt(tokenizer, MESSAGES, Mode.INSTRUCTED, Strategy.CHOICE, None, taxonomy)
+    assert INSTRUCTIONS in instructed and instructed.endswith(question + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_pad_batch_pads_right_and_masks_padding_out_of_the_loss():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -27,6 +27,7 @@ class Taxonomy:
     task_types: dict[str, str]
     categories: dict[str, Category]
     source: str
+    behavior_descriptions: dict[str, str] = field(default_factory=dict)
 
     def category(self, name: str) -> Category:
         return self.categories[name]
@@ -84,7 +85,8 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     unknown = set(raw) - {"behaviors", "task_types", "categories"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
-    behaviors = tuple(_mapping(raw.get("behaviors"), f"{path}: behaviors"))
+    described = _mapping(raw.get("behaviors"), f"{path}: behaviors")
+    behaviors = tuple(described)
     task_types: dict[str, str] = {}
     for name, spec in _mapping(raw.get("task_types"), f"{path}: task_types").items():
         behavior = _mapping(spec, f"{path}: task_types.{name}").get("behavior")
@@ -102,4 +104,5 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
         if bad:
             raise ConfigError(f"{path}: categories.{name}.behaviors: unknown behavior(s) {bad}")
         categories[name] = Category(name, task_type, labels, str(spec.get("description", "")))
-    return Taxonomy(behaviors, task_types, categories, str(path))
+    descriptions = {name: str(text) for name, text in described.items() if text}
+    return Taxonomy(behaviors, task_types, categories, str(path), descriptions)

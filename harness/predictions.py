@@ -1,0 +1,77 @@
+"""The prediction store: one owner of an agent run's predictions on disk.
+
+Parts land as they arrive (`<root>/<key>/part-*.parquet`, written atomically), so a killed job keeps its
+progress; `finalize` checks that the parts hold exactly the planned tasks and writes `<root>/<key>.parquet`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.files import write_parquet
+
+PREDICTION_SCHEMA = {
+    "task_id": "string",
+    "case_id": "string",
+    "agent": "string",
+    "category": "string",
+    "task_type": "string",
+    "gold_behavior": "string",
+    "hard": "bool",
+    "strategy": "string",
+    "pred_behavior": "string",
+    "pred_label": "string",
+    "scores": "string",  # JSON: label -> log-probability (behavior_token and choice strategies)
+    "answer": "string",
+    "latency_ms": "float64",
+}
+
+
+def typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with exactly the prediction columns, in order and of their types."""
+    return frame[list(PREDICTION_SCHEMA)].astype(PREDICTION_SCHEMA)
+
+
+class PredictionStore:
+    """The predictions of one agent run (`key`: agent name and run id) under `root`."""
+
+    def __init__(self, root: Path, key: str):
+        self.parts_dir = root / key
+        self.final = root / f"{key}.parquet"
+
+    @property
+    def finished(self) -> bool:
+        return self.final.exists()
+
+    def done_ids(self) -> set[str]:
+        """Task ids that already have a prediction in a part."""
+        return {
+            task_id
+            for part in sorted(self.parts_dir.glob("part-*.parquet"))
+            for task_id in pd.read_parquet(part, columns=["task_id"])["task_id"]
+        }
+
+    def add(self, rows: pd.DataFrame) -> None:
+        write_parquet(self.parts_dir / f"part-{uuid.uuid4().hex}.parquet", typed(rows))
+
+    def finalize(self, planned: set[str]) -> None:
+        """Write the final file from the parts; it must hold exactly the `planned` task ids."""
+        parts = [pd.read_parquet(p) for p in sorted(self.parts_dir.glob("part-*.parquet"))]
+        predictions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(PREDICTION_SCHEMA))
+        predictions = predictions.drop_duplicates("task_id", keep="first")
+        have = set(predictions["task_id"])
+        missing, extra = sorted(planned - have), sorted(have - planned)
+        if missing or extra:
+            raise HarnessError(
+                f"{self.parts_dir}: predictions do not match the planned tasks "
+                f"({len(missing)} missing, first {missing[:1]}; {len(extra)} unplanned, first {extra[:1]}); "
+                "re-run to complete them"
+            )
+        write_parquet(self.final, typed(predictions.sort_values("task_id").reset_index(drop=True)))
+
+    def read(self) -> pd.DataFrame:
+        return pd.read_parquet(self.final)

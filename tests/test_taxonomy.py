@@ -17,6 +17,23 @@ def test_default_taxonomy_has_13_categories_across_the_spectrum():
     assert by_type == {"reactive": 5, "proactive": 5, "restraint": 3}
 
 
+def test_categories_named_by_the_paper_carry_its_full_name():
+    taxonomy = load_taxonomy()
+    paper = {
+        name: spec.description.removeprefix("Paper: ").split(". ")[0]
+        for name, spec in taxonomy.categories.items()
+        if spec.description.startswith("Paper: ")
+    }
+    assert paper == {
+        "ddx_reasoning": "Differential Diagnosis (DDX) Reasoning",
+        "temporal_ordering": "Temporal Ordering",
+        "omission_detection": "Omission Detection in Group Decision-Makings",
+        "consistency_check": "Consistency Check",
+        "error_correction": "Error Correction",
+    }
+    assert {taxonomy.category(name).task_type for name in paper} == {"reactive", "proactive"}
+
+
 @pytest.mark.parametrize("granularity, n", [("behavior", 2), ("task_type", 3), ("category", 13)])
 def test_labels_map_back_to_behaviors(granularity, n):
     taxonomy = load_taxonomy()

@@ -12,6 +12,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from harness.bench.records import TaskRecord
@@ -48,6 +49,7 @@ class Scenario:
     drug: Drug
     alternative: Drug
     labs: tuple[tuple[str, float, str, float, float], ...]  # name, value, unit, low, high
+    onset_days: int  # symptom onset, in days before admission; agrees with the complaint
 
 
 SCENARIOS = (
@@ -59,6 +61,7 @@ SCENARIOS = (
         Drug("amoxicillin", 1000, "mg", "three times daily", "penicillin"),
         Drug("doxycycline", 100, "mg", "twice daily", "tetracycline"),
         (("WBC", 14.2, "x10^9/L", 4.0, 11.0), ("CRP", 88.0, "mg/L", 0.0, 5.0)),
+        onset_days=3,
     ),
     Scenario(
         "burning on urination and flank pain",
@@ -68,6 +71,7 @@ SCENARIOS = (
         Drug("trimethoprim-sulfamethoxazole", 960, "mg", "twice daily", "sulfonamide", renal=True),
         Drug("ciprofloxacin", 500, "mg", "twice daily", "fluoroquinolone"),
         (("WBC", 13.1, "x10^9/L", 4.0, 11.0), ("urine nitrite", 1.0, "positive", 0.0, 0.0)),
+        onset_days=2,
     ),
     Scenario(
         "a red, hot, swollen lower leg",
@@ -77,6 +81,7 @@ SCENARIOS = (
         Drug("cefalexin", 500, "mg", "four times daily", "cephalosporin"),
         Drug("clindamycin", 300, "mg", "four times daily", "lincosamide"),
         (("WBC", 12.4, "x10^9/L", 4.0, 11.0), ("CRP", 41.0, "mg/L", 0.0, 5.0)),
+        onset_days=2,
     ),
     Scenario(
         "sudden swelling and pain in the right knee",
@@ -86,6 +91,7 @@ SCENARIOS = (
         Drug("naproxen", 500, "mg", "twice daily", "NSAID", renal=True),
         Drug("colchicine", 500, "mcg", "twice daily", "alkaloid", renal=True),
         (("urate", 0.56, "mmol/L", 0.2, 0.42), ("CRP", 30.0, "mg/L", 0.0, 5.0)),
+        onset_days=1,
     ),
     Scenario(
         "palpitations and a fast irregular pulse",
@@ -95,6 +101,7 @@ SCENARIOS = (
         Drug("apixaban", 5, "mg", "twice daily", "anticoagulant", renal=True),
         Drug("warfarin", 5, "mg", "once daily", "vitamin K antagonist"),
         (("TSH", 1.9, "mU/L", 0.4, 4.0), ("hemoglobin", 13.8, "g/dL", 12.0, 16.0)),
+        onset_days=0,
     ),
     Scenario(
         "polyuria, thirst and weight loss",
@@ -104,6 +111,7 @@ SCENARIOS = (
         Drug("metformin", 500, "mg", "twice daily", "biguanide", renal=True),
         Drug("sitagliptin", 100, "mg", "once daily", "gliptin"),
         (("HbA1c", 8.9, "%", 4.0, 6.0), ("glucose", 14.6, "mmol/L", 4.0, 7.8)),
+        onset_days=21,
     ),
     Scenario(
         "a severe headache and blood pressure of 190/115",
@@ -113,6 +121,7 @@ SCENARIOS = (
         Drug("amlodipine", 5, "mg", "once daily", "calcium channel blocker"),
         Drug("labetalol", 200, "mg", "twice daily", "beta blocker"),
         (("troponin", 4.0, "ng/L", 0.0, 14.0), ("sodium", 139.0, "mmol/L", 135.0, 145.0)),
+        onset_days=0,
     ),
     Scenario(
         "wheeze and breathlessness after a cold",
@@ -122,6 +131,7 @@ SCENARIOS = (
         Drug("prednisolone", 40, "mg", "once daily", "corticosteroid"),
         Drug("hydrocortisone", 100, "mg", "four times daily", "corticosteroid"),
         (("peak flow", 58.0, "% predicted", 80.0, 120.0), ("eosinophils", 0.6, "x10^9/L", 0.0, 0.5)),
+        onset_days=4,
     ),
 )
 
@@ -171,6 +181,11 @@ ORDER_REQUESTS = (
     "Let's start {order}. Can you write that up?",
     "Can you confirm the plan: {order}?",
     "Go ahead and prescribe {order}, thanks.",
+)
+TIMELINE_REQUESTS = (
+    "Can you put the events so far in order for the timeline?",
+    "What happened when? Put these events in chronological order, please.",
+    "For the notes, list the events so far in the order they happened.",
 )
 INCREASE_REQUESTS = (
     "Please increase {pos} {what}.",
@@ -283,10 +298,42 @@ def _diagnosis(case: Case, rng: random.Random, hard: bool) -> Draft:
     return Draft(case, q, f"The most likely diagnosis is {s.diagnosis}, given {s.findings}.")
 
 
-def _question(case: Case, rng: random.Random, hard: bool) -> Draft:
-    name, value, unit, _, _ = rng.choice(case.labs)
-    q = rng.choice((f"What was the latest {name}?", f"Remind me of the {name} result?"))
-    return Draft(case, q, f"The latest {name} is {_value(value)} {unit}.")
+def _when(moment: datetime) -> str:
+    return f"{moment.day} {moment:%B} at {moment:%H:%M}"
+
+
+def _timeline(case: Case, rng: random.Random, hard: bool) -> Draft:
+    # Dates show no year: admissions from February on keep the onset (at most 21 days before) in the same year.
+    admitted = datetime(2001, rng.randint(2, 12), rng.randint(1, 28), rng.randint(6, 20), rng.choice((0, 15, 30, 45)))
+    onset_days = case.scenario.onset_days
+    if onset_days:
+        onset = admitted.replace(hour=rng.randint(6, 22), minute=rng.choice((0, 30))) - timedelta(days=onset_days)
+    else:
+        onset = admitted - timedelta(minutes=15 * rng.randint(4, 20))
+    drug = case.scenario.drug
+    dose = f"{drug.name} {drug.dose} {drug.unit}"
+    pronoun = case.pronoun.capitalize()
+    later = [
+        ("blood draw for creatinine and potassium", f"{case.nurse}: Bloods for creatinine and potassium were drawn on"),
+        (f"first dose of {dose}", f"{case.pharmacist}: The first dose of {dose} was given on"),
+    ]
+    if rng.random() < 0.5:
+        reviewer = rng.choice([c for c in CLINICIANS if c != case.clinician])
+        later.append((f"review by {reviewer.split(' (')[0]}", f"{reviewer}: I reviewed {case.possessive} notes on"))
+    events = [
+        (onset, "symptom onset", f"Patient: It all started on {_when(onset)}."),
+        (admitted, "admission", f"{case.clinician}: {pronoun} was admitted on {_when(admitted)}."),
+    ]
+    # Distinct quarter-hours 30 minutes to 12 hours after admission, so the later events come in any order.
+    for (event, turn), step in zip(later, rng.sample(range(2, 49), k=len(later)), strict=True):
+        moment = admitted + timedelta(minutes=15 * step)
+        events.append((moment, event, f"{turn} {_when(moment)}."))
+    chronological = sorted(events, key=lambda e: e[0])
+    mentioned = rng.sample(events, k=len(events))
+    if mentioned == chronological:
+        mentioned = mentioned[1:] + mentioned[:1]
+    order = "; ".join(f"{event} ({moment.day} {moment:%B}, {moment:%H:%M})" for moment, event, _ in chronological)
+    return Draft(case, rng.choice(TIMELINE_REQUESTS), f"In order: {order}.", extra_turns=[t for _, _, t in mentioned])
 
 
 def _treatment(case: Case, rng: random.Random, hard: bool) -> Draft:
@@ -357,7 +404,7 @@ def _error(case: Case, rng: random.Random, hard: bool) -> Draft:
         case,
         _order_request(rng, drug.order(wrong)),
         f"Please check the dose: {drug.name} {wrong} {drug.unit} is ten times the usual "
-        f"{drug.dose} {drug.unit}; this looks like an error.",
+        f"{drug.dose} {drug.unit}; this looks like an error. Did you mean {drug.order()}?",
     )
 
 
@@ -425,14 +472,14 @@ def _resolved(case: Case, rng: random.Random, hard: bool) -> Draft:
 
 
 BUILDERS: dict[str, Callable[[Case, random.Random, bool], Draft]] = {
-    "diagnosis_reasoning": _diagnosis,
-    "question_answering": _question,
+    "ddx_reasoning": _diagnosis,
+    "temporal_ordering": _timeline,
     "treatment_planning": _treatment,
     "test_interpretation": _interpretation,
     "case_summarization": _summary,
-    "missing_information": _missing,
-    "conflicting_data": _conflict,
-    "hypothetical_error": _error,
+    "omission_detection": _missing,
+    "consistency_check": _conflict,
+    "error_correction": _error,
     "risk_identification": _risk,
     "ambiguity_clarification": _ambiguity,
     "no_intervention_complete": _complete,

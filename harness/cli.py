@@ -217,16 +217,20 @@ def leaderboard_show(
 def demo(
     artifacts: Annotated[Path, typer.Option(help="Where data, models, runs and predictions go.")] = Path("artifacts"),
     results: Annotated[Path, typer.Option(help="Where the leaderboard is exported.")] = Path("results"),
+    profile: Annotated[str, typer.Option(help="tiny (the embedded default) or smollm2 (a real instruct model).")] = (
+        "tiny"
+    ),
 ) -> None:
-    """The main job on the embedded default: data, tiny model, sweep, training, evaluation, leaderboard."""
+    """The main job: data, base model, sweep, training, evaluation of four agents, leaderboard."""
+    from harness import config as configs
     from harness import leaderboard
     from harness.pipeline import PipelineConfig, run
 
-    cfg = PipelineConfig(artifacts=str(artifacts), results=str(results))
+    cfg = configs.build(PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile})
     with progress_bars() as update:
         board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=update)
     print_frame(leaderboard.ranking(leaderboard.read(board)), title=f"BehaviorBench-mini leaderboard ({board})")
-    console.print(f"exported: {results / 'leaderboard.html'}, {results / 'leaderboard.md'}", highlight=False)
+    console.print(f"exported: {board.with_suffix('.html')}, {board.with_suffix('.md')}", highlight=False)
 
 
 def run(args: list[str]) -> int:

@@ -1,9 +1,12 @@
-"""The main job: BehaviorBench-mini -> tiny model -> token-design sweep -> BehaviorSFT and SFT with
-the best design -> parallel evaluation of four agents -> leaderboard. Each step reuses its output."""
+"""The main job, in profiles. `tiny` (the default): BehaviorBench-mini -> tiny model -> token-design sweep ->
+BehaviorSFT and SFT with the best design -> parallel evaluation of four agents -> leaderboard. `smollm2`: the
+same comparison on SmolLM2-135M-Instruct, imported from its package, with LoRA and no sweep.
+Each step reuses its output."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -14,20 +17,44 @@ from harness import config as configs
 from harness import leaderboard
 from harness.errors import ConfigError
 from harness.evaluate import EvalConfig, evaluate
+from harness.selection import Mode
 from harness.sweep import SweepConfig, sweep
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, train
+
+TINY_MODEL = "artifacts/tiny-qwen2"  # how the tiny profile's configs name the model that step 2 makes
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What `harness demo --profile NAME` runs: its base model, its step configs and where results go."""
+
+    base_model: str  # TINY_MODEL (made from the data) or a packaged model's name
+    train_config: str
+    eval_config: str
+    sweep_config: str | None = None  # None: train with the train config's own token design
+    results: str = ""  # sub-directory of the results root
+
+
+PROFILES = {
+    "tiny": Profile(TINY_MODEL, "jobs/configs/behaviorsft.yaml", "jobs/configs/eval.yaml", "jobs/configs/sweep.yaml"),
+    "smollm2": Profile(
+        "smollm2", "jobs/configs/smollm2/behaviorsft.yaml", "jobs/configs/smollm2/eval.yaml", results="smollm2"
+    ),
+}
 
 
 @dataclass
 class PipelineConfig:
     artifacts: str = "artifacts"
     results: str = "results"
+    profile: str = "tiny"
     tasks: int = 3000
     seed: int = 0
-    sweep_config: str = "jobs/configs/sweep.yaml"
-    train_config: str = "jobs/configs/behaviorsft.yaml"
-    eval_config: str = "jobs/configs/eval.yaml"
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile: {self.profile!r} is not one of {list(PROFILES)}")
 
 
 def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[], Any]) -> Any:
@@ -41,24 +68,34 @@ def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[]
 def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) -> Path:
     """Run every step whose output is missing; return the leaderboard Parquet path."""
     from harness.bench.synth import write_sample
-    from harness.model import make_tiny
+    from harness.model import local_or_hub, make_tiny
 
-    artifacts, results = Path(cfg.artifacts), Path(cfg.results)
-    data, model, runs = artifacts / "data" / "tasks.jsonl", artifacts / "tiny-qwen2", artifacts / "runs"
+    profile = PROFILES[cfg.profile]
+    artifacts, results = Path(cfg.artifacts), Path(cfg.results) / profile.results
+    os.environ.setdefault("HARNESS_MODELS_DIR", str(artifacts / "models"))  # where packaged models are imported
+    data, runs = artifacts / "data" / "tasks.jsonl", artifacts / "runs"
+    tiny = artifacts / "tiny-qwen2"
+    base = str(tiny) if profile.base_model == TINY_MODEL else profile.base_model
     paths = [f"data={data}", f"runs_dir={runs}"]
-    model_path = f"model.name_or_path={model}"
+    model_path = f"model.name_or_path={base}"
 
     def make_data() -> None:
         if not data.exists():
             write_sample(data.parent, tasks=cfg.tasks, seed=cfg.seed)
 
-    def make_model() -> None:
-        if not (model / "config.json").exists():
-            make_tiny(data, model, seed=cfg.seed)
+    def make_model() -> str:
+        if profile.base_model != TINY_MODEL:
+            return local_or_hub(base)  # imports a packaged model on first use
+        if not (tiny / "config.json").exists():
+            make_tiny(data, tiny, seed=cfg.seed)
+        return str(tiny)
 
-    def run_sweep() -> dict[str, Any]:
+    def run_sweep() -> dict[str, Any] | None:
+        if profile.sweep_config is None:
+            log("no sweep in this profile: training uses the train config's token design")
+            return None
         overrides = [f"train.data={data}", f"train.{model_path}", f"runs_dir={runs}"]
-        sweep_cfg = configs.load(SweepConfig, cfg.sweep_config, overrides)
+        sweep_cfg = configs.load(SweepConfig, profile.sweep_config, overrides)
         best = sweep_cfg.directory / "best.json"
         if not best.exists():
             table = sweep(sweep_cfg)
@@ -67,35 +104,39 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
         log(f"best trial {chosen['trial_id']}: design {chosen['design']}, dev Macro F1 {chosen['dev_macro_f1']:.3f}")
         return chosen
 
-    def train_both(best: dict[str, Any]) -> None:
-        chosen = TokenDesign.load(best["final_model"])  # the design the best trial saved with its model
-        if chosen is None:
-            raise ConfigError(f"best trial {best['trial_id']}: no token design saved in {best['final_model']}")
-        design = [f"design.{key}={value}" for key, value in asdict(chosen).items()]
-        if best.get("learning_rate") is not None:
-            design.append(f"learning_rate={best['learning_rate']}")
+    def train_both(best: dict[str, Any] | None) -> None:
+        design: list[str] = []
+        if best is not None:
+            chosen = TokenDesign.load(best["final_model"])  # the design the best trial saved with its model
+            if chosen is None:
+                raise ConfigError(f"best trial {best['trial_id']}: no token design saved in {best['final_model']}")
+            design = [f"design.{key}={value}" for key, value in asdict(chosen).items()]
+            if best.get("learning_rate") is not None:
+                design.append(f"learning_rate={best['learning_rate']}")
         common = [f"data={data}", model_path, f"storage_path={runs}"]
-        for mode in ("behaviorsft", "sft"):
-            overrides = [*common, *design, f"mode={mode}", f"run_name={mode}-tiny"]
-            result = train(configs.load(TrainConfig, cfg.train_config, overrides))
+        for mode in (Mode.BEHAVIORSFT, Mode.SFT):
+            base_cfg = configs.load(TrainConfig, profile.train_config, common)
+            name = base_cfg.run_name.replace(Mode.BEHAVIORSFT.value, mode.value, 1)
+            overrides = [*common, *design, f"mode={mode.value}", f"run_name={name}"]
+            result = train(configs.load(TrainConfig, profile.train_config, overrides))
             shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("dev_", "initial_dev"))}
-            log(f"{mode}: {result.final_model} {shown}")
+            log(f"{mode.value}: {result.final_model} {shown}")
 
     def run_eval() -> EvalConfig:
         board = results / "leaderboard.parquet"
         eval_cfg = configs.load(
-            EvalConfig, cfg.eval_config, [*paths, f"output_dir={artifacts / 'eval'}", f"leaderboard={board}"]
+            EvalConfig, profile.eval_config, [*paths, f"output_dir={artifacts / 'eval'}", f"leaderboard={board}"]
         )
         for agent in eval_cfg.agents:  # the embedded default: point the untrained agents at this model
-            if agent.model == "artifacts/tiny-qwen2":
-                agent.model = str(model)
+            if agent.model == TINY_MODEL:
+                agent.model = str(tiny)
         evaluate(eval_cfg, progress=progress)
         return eval_cfg
 
     _step(log, 1, "BehaviorBench-mini (synthetic sample)", make_data)
-    _step(log, 2, "tiny Qwen2 model and tokenizer", make_model)
+    _step(log, 2, f"base model ({profile.base_model})", make_model)
     best = _step(log, 3, "token-design sweep (Ray Tune, ASHA)", run_sweep)
-    _step(log, 4, "BehaviorSFT and SFT training with the best design (Ray Train + DeepSpeed)", lambda: train_both(best))
+    _step(log, 4, "BehaviorSFT and SFT training (Ray Train + DeepSpeed)", lambda: train_both(best))
     eval_cfg = _step(log, 5, "evaluation of four agents in parallel (Ray Data)", run_eval)
 
     def export() -> None:

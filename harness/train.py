@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -31,6 +31,9 @@ from harness.names import name_problem
 from harness.prompts import encode_example, target_text
 from harness.selection import DEFAULT_STRATEGY, Mode, Selector, Strategy, agent_prompt, encode_prompt, parse_mode
 from harness.tokens import TokenDesign
+
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_MODES = (Mode.BEHAVIORSFT, Mode.SFT)
 # Keys that change how a run executes or where it is kept, not what it learns: a finished run is reused
@@ -68,6 +71,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
+    behavior_loss_weight: float = 1.0  # loss weight of each answer's first token (the behavior token); 1: plain mean
     max_length: int = 512
     max_train_tasks: int | None = None
     eval_max_tasks: int = 256
@@ -93,6 +97,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
+        if self.behavior_loss_weight <= 0:
+            raise ValueError(f"behavior_loss_weight: must be > 0, got {self.behavior_loss_weight}")
 
     def resolved(self) -> TrainConfig:
         """This config with local paths made absolute (Ray workers run in another directory)."""
@@ -187,6 +193,21 @@ def bucketed_batches(shard, batch_size: int, pad_id: int, seed: int):
         rng.shuffle(groups)
         for group in groups:
             yield pad_batch([{k: window[k][i] for k in ("input_ids", "labels")} for i in group], pad_id)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, first_weight: float) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions, each answer's first token weighted `first_weight`
+    (with 1.0 it equals the model's own mean loss)."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(targets)
+    learned = targets != -100
+    first = learned & (learned.cumsum(1) == 1)
+    weights = learned.float() + first.float() * (first_weight - 1)
+    return (losses * weights).sum() / weights.sum()
 
 
 class Encode:
@@ -343,7 +364,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if index < skip:
                 continue
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            if cfg.behavior_loss_weight == 1.0:
+                loss = engine(**batch).loss
+            else:
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = weighted_loss(logits, batch["labels"], cfg.behavior_loss_weight)
             engine.backward(loss)
             engine.step()
             state["batch_in_epoch"] = index + 1

@@ -1,3 +1,5 @@
+import pytest
+
 from harness.bench import load_taxonomy
 from harness.model import load_tokenizer
 from harness.prompts import INSTRUCTIONS, choice_question, conversation, encode_example, target_text
@@ -61,3 +63,25 @@ def test_pad_batch_pads_right_and_masks_padding_out_of_the_loss():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_weighted_loss_is_the_models_loss_at_weight_one_and_weighs_the_first_answer_token(tiny_model):
+    import torch
+
+    from harness.model import ModelSettings, load_model
+    from harness.train import weighted_loss
+
+    model = load_model(ModelSettings(str(tiny_model))).eval()
+    batch = pad_batch(
+        [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]}, {"input_ids": [4, 3], "labels": [-100, 3]}],
+        pad_id=0,
+    )
+    with torch.no_grad():
+        out = model(**batch)
+        assert weighted_loss(out.logits, batch["labels"], 1.0).item() == pytest.approx(out.loss.item(), rel=1e-5)
+        per_token = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="none"
+        ).view(2, -1)
+        # answer tokens: row 0 positions 1 (first, the behavior token), 2, 3; row 1 position 0 (first)
+        expected = (3 * per_token[0, 1] + per_token[0, 2] + per_token[0, 3] + 3 * per_token[1, 0]) / 8
+        assert weighted_loss(out.logits, batch["labels"], 3.0).item() == pytest.approx(expected.item(), rel=1e-5)

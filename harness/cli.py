@@ -173,14 +173,13 @@ def score(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs (0: none).")] = 1000,
 ) -> None:
     """Recompute the metrics of a predictions file."""
-    import pandas as pd
-
+    from harness.metrics import read_table
     from harness.metrics import score as score_predictions
 
     if not predictions.exists():
         raise HarnessError(f"{predictions}: no such file")
     try:
-        table = score_predictions(pd.read_parquet(predictions), samples=bootstrap)
+        table = score_predictions(read_table(predictions), samples=bootstrap)
     except ValueError as exc:
         raise HarnessError(f"{predictions}: {exc}") from None
     if as_json:
@@ -194,15 +193,22 @@ def leaderboard_show(
     path: Annotated[Path, typer.Option(help="The leaderboard Parquet file.")] = Path("results/leaderboard.parquet"),
     fmt: Annotated[str, typer.Option("--format", help="table, md, csv or html.")] = "table",
     out: Annotated[Path | None, typer.Option(help="Write the export here instead of stdout.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset fingerprint to rank (default: the latest run's).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split to rank (default: the latest run's).")] = None,
 ) -> None:
-    """Print the ranking (overall, reactive, proactive, restraint, hard), or export it."""
+    """Print the ranking of one dataset and split (Macro F1 overall and hard, per-type shares), or export it."""
     from harness import leaderboard
 
     if not path.exists():
         raise HarnessError(f"{path}: no leaderboard yet (run `harness eval` first)")
-    table = leaderboard.ranking(leaderboard.read(path))
+    try:
+        table = leaderboard.ranking(leaderboard.read(path), dataset=dataset, split=split)
+    except ValueError as exc:
+        raise HarnessError(f"{path}: {exc}") from None
     if fmt == "table":
-        print_frame(table, title=f"leaderboard: {path} (Macro F1)")
+        print_frame(table, title=f"leaderboard: {path}, {leaderboard.title(table)}")
         return
     if fmt not in ("md", "csv", "html"):
         raise HarnessError(f"--format: {fmt!r} is not one of table, md, csv, html")

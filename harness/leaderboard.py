@@ -17,7 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 import harness
+from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
+from harness.metrics import read_table
 
 COLUMNS = [
     "run_id",
@@ -38,12 +40,35 @@ COLUMNS = [
     "code_version",
     "timestamp",
 ]
-RANK_SLICES = {
-    "overall": ("all", "overall"),
-    "reactive": ("all", "type:reactive"),
-    "proactive": ("all", "type:proactive"),
-    "restraint": ("all", "type:restraint"),
-    "hard": ("hard", "overall"),
+RANK_COLUMNS = {  # ranking column: (subset, slice, metric) of the leaderboard rows it shows
+    "overall": ("all", "overall", "macro_f1"),
+    "reactive": ("all", "type:reactive", "stayed_on_task"),
+    "proactive": ("all", "type:proactive", "intervened_when_should"),
+    "restraint": ("all", "type:restraint", "stayed_on_task"),
+    "over_intervention": ("all", "overall", "over_intervention_rate"),
+    "missed_intervention": ("all", "overall", "missed_intervention_rate"),
+    "hard": ("hard", "overall", "macro_f1"),
+}
+TABLE_COLUMNS = ["rank", "agent", "mode", "design", "overall", "overall_ci", *list(RANK_COLUMNS)[1:]]
+COLUMN_HELP = {
+    "rank": "position by overall Macro F1; a repeated rank is a tie: the paired 95% bootstrap interval of the "
+    "Macro F1 difference to the agent just above includes 0",
+    "agent": "the agent's name in the evaluation config",
+    "mode": "zero_shot, instructed (told when to intervene), sft or behaviorsft (behavior tokens)",
+    "design": "the behavior-token design of a behaviorsft agent",
+    "overall": "Macro F1 of behavior selection (reactive vs proactive) over all tasks of the split",
+    "overall_ci": "95% bootstrap interval of overall, resampling clinical cases",
+    "reactive": "reactive tasks (answer what was asked): share where the agent stayed on task",
+    "proactive": "proactive tasks (something needs flagging): share where the agent intervened, as it should",
+    "restraint": "restraint tasks (looks alarming, is not): share where the agent stayed on task",
+    "over_intervention": "tasks whose gold behavior is reactive: share where the agent intervened anyway",
+    "missed_intervention": "tasks whose gold behavior is proactive: share where the agent did not intervene",
+    "hard": "Macro F1 of behavior selection on the BehaviorBench-Hard subset",
+}
+CHART_SERIES = {  # ranking column: legend label of its bar
+    "reactive": "reactive: stayed on task",
+    "proactive": "proactive: intervened when should",
+    "restraint": "restraint: stayed on task",
 }
 
 
@@ -84,8 +109,18 @@ def _locked(path: Path):
 
 
 def read(path: str | Path) -> pd.DataFrame:
+    """The leaderboard at `path` (empty when there is none); ConfigError when the file is not one."""
     path = Path(path)
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        frame = read_table(path)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a leaderboard ({exc})") from None
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"{path}: not a leaderboard (a predictions file? missing columns {', '.join(missing)})")
+    return frame
 
 
 def append(path: str | Path, rows: pd.DataFrame) -> None:
@@ -98,76 +133,126 @@ def append(path: str | Path, rows: pd.DataFrame) -> None:
         write_parquet(path, combined.reset_index(drop=True))
 
 
-def ranking(frame: pd.DataFrame) -> pd.DataFrame:
-    """Macro F1 per agent (its latest run): overall with its 95% CI, per type, and on the hard subset."""
-    if frame.empty:
-        return pd.DataFrame(columns=["rank", "agent", "mode", "design", *RANK_SLICES, "overall_ci"])
-    f1 = frame[frame["metric"] == "macro_f1"]
-    latest = f1.sort_values("timestamp").groupby("agent")["run_id"].last()
-    f1 = f1[f1["run_id"].isin(latest.values)]
-    rows = []
-    for agent, group in f1.groupby("agent"):
-        row = {"agent": agent, "mode": group["mode"].iloc[0], "design": group["design"].iloc[0]}
-        for column, (subset, slice_name) in RANK_SLICES.items():
-            match = group[(group["subset"] == subset) & (group["slice"] == slice_name)]
-            row[column] = float(match["value"].iloc[0]) if len(match) else float("nan")
-            if column == "overall" and len(match):
-                row["overall_ci"] = f"[{match['ci_low'].iloc[0]:.3f}, {match['ci_high'].iloc[0]:.3f}]"
-        rows.append(row)
-    table = pd.DataFrame(rows).sort_values("overall", ascending=False).reset_index(drop=True)
-    table.insert(0, "rank", range(1, len(table) + 1))
+def _ties_above(rows: pd.DataFrame, agent: str, above: str) -> bool:
+    """Whether the paired 95% interval of the Macro F1 difference of `agent` and `above` includes 0."""
+    diff = rows[
+        (rows["metric"] == "macro_f1_diff")
+        & (
+            ((rows["agent"] == agent) & (rows["slice"] == f"vs:{above}"))
+            | ((rows["agent"] == above) & (rows["slice"] == f"vs:{agent}"))
+        )
+    ]
+    return bool(len(diff)) and bool((diff["ci_low"] <= 0).iloc[0] and (diff["ci_high"] >= 0).iloc[0])
+
+
+def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
+    """Each agent's latest run on one dataset fingerprint and split, best overall Macro F1 first.
+
+    `dataset` and `split` default to those of the most recent row; `table.attrs` holds the ones used;
+    ValueError when no row matches the ones given.
+    Columns are `TABLE_COLUMNS` (see `COLUMN_HELP`). Walking down the ranking, an agent whose paired
+    difference to the agent just above is not significant (its `vs:` row's 95% interval includes 0)
+    shares that agent's rank; without paired rows, ranks are 1, 2, 3, ...
+    """
+    chosen = frame
+    if dataset is not None:
+        chosen = chosen[chosen["dataset"] == dataset]
+    if split is not None:
+        chosen = chosen[chosen["split"] == split]
+    if chosen.empty:
+        if not frame.empty:
+            raise ValueError(f"no runs on dataset {dataset or 'any'}, split {split or 'any'}")
+        table = pd.DataFrame(columns=TABLE_COLUMNS)
+        table.attrs.update(dataset=dataset, split=split)
+        return table
+    newest = chosen.sort_values("timestamp", kind="stable").iloc[-1]
+    chosen = chosen[(chosen["dataset"] == newest["dataset"]) & (chosen["split"] == newest["split"])]
+    latest = chosen.sort_values("timestamp", kind="stable").groupby("agent")["run_id"].last()
+    chosen = chosen[chosen["run_id"].isin(latest.values)]
+    records = []
+    for agent, group in chosen.groupby("agent", sort=True):
+        metrics = group.set_index(["subset", "slice", "metric"])
+        record = {"agent": agent, "mode": group["mode"].iloc[0], "design": group["design"].iloc[0]}
+        for column, key in RANK_COLUMNS.items():
+            record[column] = float(metrics.loc[key, "value"]) if key in metrics.index else float("nan")
+        overall = RANK_COLUMNS["overall"]
+        record["overall_ci"] = (
+            f"[{metrics.loc[overall, 'ci_low']:.3f}, {metrics.loc[overall, 'ci_high']:.3f}]"
+            if overall in metrics.index
+            else ""
+        )
+        records.append(record)
+    table = pd.DataFrame(records).sort_values(["overall", "agent"], ascending=[False, True], na_position="last")
+    agents = list(table["agent"])
+    ranks: list[int] = []
+    for i, agent in enumerate(agents):
+        ranks.append(ranks[-1] if i and _ties_above(chosen, agent, agents[i - 1]) else i + 1)
+    table.insert(0, "rank", ranks)
+    table = table[TABLE_COLUMNS].reset_index(drop=True)
+    table.attrs.update(dataset=str(newest["dataset"]), split=str(newest["split"]))
     return table
 
 
-def _svg_chart(table: pd.DataFrame, types: tuple[str, ...] = ("reactive", "proactive", "restraint")) -> str:
-    """Grouped bars of per-type Macro F1 per agent, as inline SVG."""
+def _svg_chart(table: pd.DataFrame) -> str:
+    """Grouped bars per agent of the per-type shares of tasks with the right behavior, as inline SVG."""
     colours = ("#4e79a7", "#f28e2b", "#59a14f")
-    bar, gap, height, left = 18, 24, 220, 40
-    width = left + len(table) * (len(types) * bar + gap) + 160
+    bar, gap, height, left = 18, 24, 220, 56
+    width = left + len(table) * (len(CHART_SERIES) * bar + gap) + 230
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 80}" font-size="11">']
+    parts.append(
+        f'<text x="12" y="{10 + height / 2}" text-anchor="middle" transform="rotate(-90 12 {10 + height / 2})">'
+        "share of tasks with the right behavior</text>"
+    )
     for tick in (0.0, 0.5, 1.0):
         y = 10 + height * (1 - tick)
         parts.append(
-            f'<line x1="{left}" y1="{y}" x2="{width - 150}" y2="{y}" stroke="#ddd"/>'
-            f'<text x="4" y="{y + 4}">{tick:.1f}</text>'
+            f'<line x1="{left}" y1="{y}" x2="{width - 220}" y2="{y}" stroke="#ddd"/>'
+            f'<text x="{left - 26}" y="{y + 4}">{tick:.1f}</text>'
         )
-    for i, row in enumerate(table.itertuples(index=False)):
-        x0 = left + i * (len(types) * bar + gap)
-        for j, kind in enumerate(types):
-            value = getattr(row, kind)
-            value = 0.0 if pd.isna(value) else float(value)
+    for i, row in enumerate(table.to_dict("records")):
+        x0 = left + i * (len(CHART_SERIES) * bar + gap)
+        for j, (column, label) in enumerate(CHART_SERIES.items()):
+            value = 0.0 if pd.isna(row[column]) else float(row[column])
             h = height * value
             parts.append(
-                f'<rect x="{x0 + j * bar}" y="{10 + height - h}" width="{bar - 2}" height="{h}" '
-                f'fill="{colours[j]}"><title>{html.escape(row.agent)} {kind}: {value:.3f}</title></rect>'
+                f'<rect x="{x0 + j * bar}" y="{10 + height - h}" width="{bar - 2}" height="{h}" fill="{colours[j]}">'
+                f"<title>{html.escape(row['agent'])} {label}: {value:.3f}</title></rect>"
             )
         parts.append(
             f'<text x="{x0}" y="{height + 28}" transform="rotate(20 {x0} {height + 28})">'
-            f"{html.escape(row.agent)}</text>"
+            f"{html.escape(row['agent'])}</text>"
         )
-    for j, kind in enumerate(types):
+    for j, label in enumerate(CHART_SERIES.values()):
         parts.append(
-            f'<rect x="{width - 140}" y="{14 + 16 * j}" width="10" height="10" fill="{colours[j]}"/>'
-            f'<text x="{width - 125}" y="{23 + 16 * j}">{kind}</text>'
+            f'<rect x="{width - 210}" y="{14 + 16 * j}" width="10" height="10" fill="{colours[j]}"/>'
+            f'<text x="{width - 195}" y="{23 + 16 * j}">{label}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
 
 
+def title(table: pd.DataFrame) -> str:
+    """Which runs the ranking compares: its dataset fingerprint and split."""
+    return f"dataset {table.attrs.get('dataset')}, split {table.attrs.get('split')}"
+
+
 def render(table: pd.DataFrame, fmt: str) -> str:
-    """The ranking as Markdown, CSV or a standalone HTML page with a per-type Macro F1 chart."""
+    """The ranking as Markdown, CSV or a standalone HTML page explaining each column, with a chart of
+    the per-type shares of tasks with the right behavior."""
     if fmt == "md":
         return _markdown(table)
     if fmt == "csv":
         return table.to_csv(index=False, float_format="%.4f")
     if fmt == "html":
+        help_items = "".join(f"<li><b>{column}</b>: {html.escape(text)}</li>" for column, text in COLUMN_HELP.items())
         return (
             "<!doctype html><html><head><meta charset='utf-8'><title>BehaviorBench leaderboard</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:right}"
             "td:nth-child(2),th:nth-child(2){text-align:left}</style></head><body>"
-            "<h1>BehaviorBench leaderboard</h1><p>Macro F1 of behavior selection (test split).</p>"
+            f"<h1>BehaviorBench leaderboard</h1><p>Runs on {html.escape(title(table))}.</p>"
             + table.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0)
-            + "<h2>Macro F1 per task type</h2>"
+            + f"<ul>{help_items}</ul>"
+            + "<h2>Share of tasks with the right behavior, per task type</h2>"
             + _svg_chart(table)
             + "</body></html>\n"
         )

@@ -4,37 +4,39 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from harness import leaderboard
-from harness.metrics import score
+from harness.errors import ConfigError
+from harness.metrics import score, score_agents
 
 
-def _rows(agent: str, run_id: str, accuracy: float, seed: int = 0) -> pd.DataFrame:
+def _predictions(accuracy: float, seed: int = 0, n: int = 200) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    n = 200
-    types = rng.choice(["reactive", "proactive", "restraint"], size=n)
+    types = np.random.default_rng(0).choice(["reactive", "proactive", "restraint"], size=n)
     gold = np.where(types == "proactive", "proactive", "reactive")
     pred = np.where(rng.random(n) < accuracy, gold, np.where(gold == "proactive", "reactive", "proactive"))
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         {
             "task_id": range(n),
+            "case_id": np.arange(n) // 2,
             "category": types,
             "task_type": types,
             "gold_behavior": gold,
             "pred_behavior": pred,
-            "hard": rng.random(n) < 0.3,
+            "hard": np.arange(n) % 3 == 0,
         }
     )
+
+
+def _metadata(rows: pd.DataFrame, agent: str, run_id: str, dataset: str = "d") -> pd.DataFrame:
     return leaderboard.with_metadata(
-        score(frame, samples=50),
-        run_id=run_id,
-        agent=agent,
-        model="m",
-        mode="zero_shot",
-        design="",
-        dataset="d",
-        split="test",
+        rows, run_id=run_id, agent=agent, model="m", mode="zero_shot", design="", dataset=dataset, split="test"
     )
+
+
+def _rows(agent: str, run_id: str, accuracy: float, seed: int = 0, dataset: str = "d") -> pd.DataFrame:
+    return _metadata(score(_predictions(accuracy, seed), samples=50), agent, run_id, dataset)
 
 
 def test_append_replaces_a_rerun_instead_of_duplicating(tmp_path: Path):
@@ -49,7 +51,12 @@ def test_append_replaces_a_rerun_instead_of_duplicating(tmp_path: Path):
     assert table["value"].dtype == float and table["n"].dtype.kind == "i"
     ranking = leaderboard.ranking(table)
     assert list(ranking.agent) == ["a", "b"] and list(ranking["rank"]) == [1, 2]
+    assert list(ranking.columns) == leaderboard.TABLE_COLUMNS
     assert ranking.loc[0, "overall"] > ranking.loc[1, "overall"]
+    a = table[(table.agent == "a") & (table.subset == "all")].set_index(["slice", "metric"]).value
+    assert ranking.loc[0, "proactive"] == a["type:proactive", "intervened_when_should"]
+    assert ranking.loc[0, "restraint"] == a["type:restraint", "stayed_on_task"]
+    assert ranking.loc[0, "over_intervention"] == a["overall", "over_intervention_rate"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -75,3 +82,60 @@ def test_exports(tmp_path: Path):
     assert pd.read_csv(io.StringIO(csv)).shape[0] == 2
     page = leaderboard.render(table, "html")
     assert page.count("<rect") >= 6 and "<svg" in page and "b&lt;script&gt;" in page and "<script>" not in page
+
+
+def test_html_explains_columns_and_charts_the_shares():
+    page = leaderboard.render(leaderboard.ranking(_rows("a", "r1", 0.9)), "html")
+    assert "share of tasks with the right behavior</text>" in page and "dataset d, split test" in page
+    for label in leaderboard.CHART_SERIES.values():
+        assert f"{label}</text>" in page
+    for column in leaderboard.TABLE_COLUMNS:
+        assert f"<li><b>{column}</b>: " in page
+
+
+def test_ranking_compares_one_dataset_and_split(tmp_path: Path):
+    old = _rows("a", "r1", 0.9, dataset="old")
+    new = pd.concat([_rows("b", "r2", 0.7, dataset="new"), _rows("c", "r3", 0.6, dataset="new")])
+    new["timestamp"] = "9999-01-01T00:00:00+00:00"
+    table = leaderboard.ranking(pd.concat([old, new]))
+    assert list(table.agent) == ["b", "c"] and table.attrs == {"dataset": "new", "split": "test"}
+    assert list(leaderboard.ranking(pd.concat([old, new]), dataset="old").agent) == ["a"]
+    with pytest.raises(ValueError, match="no runs on dataset none, split any"):
+        leaderboard.ranking(new, dataset="none")
+
+
+def test_ranking_ties_agents_not_significantly_apart():
+    predictions = {
+        "best": _predictions(0.9, seed=1),
+        "close": _predictions(0.9, seed=2),
+        "worst": _predictions(0.55, seed=3),
+    }
+    scored = score_agents(predictions, samples=200)
+    frame = pd.concat([_metadata(rows, agent, f"run-{agent}") for agent, rows in scored.items()])
+    best = scored["best"].set_index(["slice", "metric"])
+    close = best.loc[("vs:close", "macro_f1_diff")]
+    assert close.ci_low < 0 < close.ci_high and best.loc[("vs:worst", "macro_f1_diff")].ci_low > 0
+    ranking = leaderboard.ranking(frame)
+    assert list(ranking.agent) == ["best", "close", "worst"] or list(ranking.agent) == ["close", "best", "worst"]
+    assert list(ranking["rank"]) == [1, 1, 3]
+    plain = leaderboard.ranking(frame[~frame.slice.str.startswith("vs:")])
+    assert list(plain["rank"]) == [1, 2, 3]
+    assert "| 1 | best |" in leaderboard.render(ranking, "md") and "| 1 | close |" in leaderboard.render(ranking, "md")
+
+
+def test_read_refuses_what_is_not_a_leaderboard(tmp_path: Path, capsys):
+    from harness.cli import run  # not at the top: the spawned workers of the concurrency test import this module
+
+    predictions = tmp_path / "predictions.parquet"
+    _predictions(0.9).to_parquet(predictions)
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(predictions.read_bytes()[:100])
+    with pytest.raises(ConfigError) as error:
+        leaderboard.read(predictions)
+    assert str(error.value).startswith(f"{predictions}: not a leaderboard (a predictions file? missing columns run_id,")
+    for path, message in [(predictions, "a predictions file? missing columns"), (corrupt, "not a readable Parquet")]:
+        assert run(["leaderboard", "show", "--path", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: not a leaderboard (") and message in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert leaderboard.read(tmp_path / "missing.parquet").empty

@@ -24,7 +24,7 @@ from harness import leaderboard
 from harness.bench.io import fingerprint, load_dataset
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
 from harness.errors import ConfigError, HarnessError
-from harness.metrics import score
+from harness.metrics import score_agents
 from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer, local_or_hub
 from harness.names import check_name, name_problem
 from harness.predictions import PredictionStore
@@ -337,17 +337,17 @@ def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
                     stores[name].add(rows[~failed])
                 if progress is not None:
                     progress(name, len(rows), remaining[name])
+    finished = [a for a in agents if a.spec.name not in failures]
+    for agent in finished:
+        if not stores[agent.spec.name].finished:
+            stores[agent.spec.name].finalize(planned)
+    # Each agent's metrics, and its paired comparisons with every other agent of this job (same tasks).
+    scored = score_agents({a.spec.name: stores[a.spec.name].read() for a in finished}, samples=cfg.bootstrap)
     metrics = []
-    for agent in agents:
-        store = stores[agent.spec.name]
-        if agent.spec.name in failures:
-            continue
-        if not store.finished:
-            store.finalize(planned)
-        rows = score(store.read(), samples=cfg.bootstrap)
+    for agent in finished:
         metrics.append(
             leaderboard.with_metadata(
-                rows,
+                scored[agent.spec.name],
                 run_id=agent.run_id,
                 agent=agent.spec.name,
                 model=agent.spec.model,

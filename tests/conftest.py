@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,15 @@ def tiny_model(sample, tmp_path_factory) -> Path:
     from harness.model import make_tiny
 
     return make_tiny(sample, tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct as imported by `harness model import smollm2`, converted once per machine into
+    `$HARNESS_TEST_CACHE/smollm2` (default `~/.cache/behaviorbench-harness/smollm2`) and reused after."""
+    root = Path(os.environ.get("HARNESS_TEST_CACHE", Path.home() / ".cache" / "behaviorbench-harness"))
+    model = root / "smollm2"
+    if not (model / "config.json").exists():
+        command = [sys.executable, "-m", "harness.cli", "model", "import", "smollm2", "--out", str(model)]
+        subprocess.run(command, check=True, cwd=Path(__file__).parents[1])
+    return model

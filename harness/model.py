@@ -101,9 +101,6 @@ def local_or_hub(name_or_path: str) -> str:
     return name_or_path
 
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
 def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:
     import torch
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, crash_message, exception_chain
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -258,15 +258,30 @@ def demo(
     console.print(f"exported: {board.with_suffix('.html')}, {board.with_suffix('.md')}", highlight=False)
 
 
+def _interrupted() -> int:
+    print("error: interrupted", file=sys.stderr)
+    return 130
+
+
 def run(args: list[str]) -> int:
-    """Run the CLI on `args` and return its exit status; user errors print one line, no traceback."""
+    """Run the CLI on `args` and return its exit status; every error prints one line, never a traceback.
+
+    A user error prints its message; an unexpected one (a bug, or an error inside a Ray worker) prints its
+    root cause, and its full traceback goes to a log file (see `harness.errors.crash_log`).
+    """
     try:
         app(args, prog_name="harness")
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        return _interrupted()
     except SystemExit as exc:
+        if any(isinstance(link, KeyboardInterrupt) for link in exception_chain(exc)):  # Typer's exit on Ctrl-C
+            return _interrupted()
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except Exception as exc:
+        # The innermost user error, also when a Ray worker raised it (Ray wraps it in its own error types).
+        user_errors = [link for link in exception_chain(exc) if isinstance(link, HarnessError)]
+        print(f"error: {user_errors[-1]}" if user_errors else crash_message(exc), file=sys.stderr)
+        return 1
     return 0
 
 

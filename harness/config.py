@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from enum import Enum
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 import yaml
 
 from harness.errors import ConfigError
+from harness.files import decode_utf8
 
 T = TypeVar("T")
 
@@ -88,12 +90,40 @@ def build(cls: type[T], values: Any, where: str = "config") -> T:
     kwargs = {k: _coerce(hints[k], v, _key(where, k)) for k, v in values.items()}
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ConfigError) as exc:  # from __post_init__ checks
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `dotted.key=value` overrides (values parsed as YAML) to a nested mapping."""
+def _field_type(cls: Any, parts: list[str]) -> Any:
+    """The declared type of the dotted key `parts` in dataclass `cls`, or None where it is not a known field."""
+    for part in parts:
+        options = [o for o in typing.get_args(cls) if o is not type(None)] or [cls]
+        cls = options[0] if len(options) == 1 else None
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+    return cls
+
+
+def _is_str(kind: Any) -> bool:
+    """`str` or `str | None`."""
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    return kind is str or (optional and set(typing.get_args(kind)) == {str, type(None)})
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """` at line L, column C: problem` of a YAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}"
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str], cls: type | None = None) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to a nested mapping.
+
+    For a `str` field of dataclass `cls`, a value YAML reads as a number, bool or date stays the text
+    given: `run_name=2024` is the name "2024".
+    """
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r}: expected key=value")
@@ -104,21 +134,37 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {override!r}: the value is not valid YAML{_yaml_problem(exc)}") from None
+        if isinstance(value, (int, float, datetime.date)) and _is_str(_field_type(cls, parts)):
+            value = raw.strip()
+        node[parts[-1]] = value
     return values
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document at `path`; a problem raises one ConfigError line naming the file (and line, column)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(decode_utf8(data))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: not valid YAML{_yaml_problem(exc)}") from None
 
 
 def load(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read `cls` from a YAML file (or defaults when `path` is None) and apply overrides."""
-    values: dict[str, Any] = {}
-    where = "config"
-    if path is not None:
-        where = str(path)
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc}") from None
-    return build(cls, apply_overrides(values, list(overrides)), where)
+    where = str(path) if path is not None else "config"
+    values = (read_yaml(path, "config") or {}) if path is not None else {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    return build(cls, apply_overrides(values, list(overrides), cls), where)
 
 
 def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -1,5 +1,15 @@
 """Errors the harness reports to users as one clear message (never a traceback)."""
 
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+LOG_DIR_ENV = "HARNESS_LOG_DIR"
+DEFAULT_LOG_DIR = Path("artifacts/logs")
+
 
 class HarnessError(Exception):
     """An error a user can fix; the CLI prints it and exits non-zero."""
@@ -13,5 +23,53 @@ class DataError(HarnessError):
     """A data file is wrong; `problems` holds one `PATH:LINE: field: message` line each."""
 
     def __init__(self, problems: list[str], summary: str):
-        super().__init__(summary + "\n" + "\n".join(problems))
+        super().__init__("\n".join([summary, *problems]))
         self.problems = problems
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[type, tuple[list[str], str]]:  # Ray pickles errors raised in workers
+        return (type(self), (self.problems, self.summary))
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """What `exc` wraps: Ray's `.cause`, Ray Train's controller or first worker failure, then Python's chain."""
+    wrapped = [
+        getattr(exc, "cause", None),
+        getattr(exc, "controller_failure", None),
+        *[failure for _, failure in sorted((getattr(exc, "worker_failures", None) or {}).items())][:1],
+        exc.__cause__,
+        None if exc.__suppress_context__ else exc.__context__,
+    ]
+    return [cause for cause in wrapped if isinstance(cause, BaseException)]
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, what it wraps, what that wraps, ...: the last one is the root cause."""
+    chain = [exc]
+    while causes := [c for c in _causes(chain[-1]) if all(c is not seen for seen in chain)]:
+        chain.append(causes[0])
+    return chain
+
+
+def crash_log(exc: BaseException) -> Path:
+    """Write every traceback of `exc`'s chain to a new file under $HARNESS_LOG_DIR (or ./artifacts/logs)."""
+    directory = Path(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    path = directory / f"harness-{stamp}-{os.getpid()}.log"
+    parts = ["".join(traceback.format_exception(link, chain=False)) for link in exception_chain(exc)]
+    with path.open("x", encoding="utf-8") as handle:  # never overwrites an earlier log
+        handle.write("\nwhich was caused by:\n\n".join(parts))
+    return path
+
+
+def crash_message(exc: BaseException) -> str:
+    """One line for an unexpected error: its root cause and where the full traceback went."""
+    root = exception_chain(exc)[-1]
+    text = str(root).strip()
+    summary = type(root).__name__ + (f": {text.splitlines()[0]}" if text else "")
+    try:
+        saved = f"full traceback: {crash_log(exc)}"
+    except OSError as error:
+        saved = f"full traceback not saved: {error}"
+    return f"error: {summary} ({saved})"

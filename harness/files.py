@@ -1,28 +1,83 @@
-"""Atomic writes of results: a reader sees the old file or the new one, never a partial one."""
+"""Atomic writes of results (a reader sees the old file or the new one, never a partial one), and UTF-8 reads."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _temp_pattern(path: Path) -> re.Pattern[str]:
+    """The names of `write_atomic`'s temporary siblings of `path`: `.NAME.<32 hex digits>.tmp`."""
+    return re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{32}}\.tmp")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary siblings of `path` left by killed writers; a live writer holds a lock on its own."""
+    pattern = _temp_pattern(path)
+    for candidate in path.parent.iterdir():
+        if not pattern.fullmatch(candidate.name) or candidate.is_symlink() or not candidate.is_file():
+            continue
+        fd = os.open(candidate, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            candidate.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write` on a temporary sibling of `path`, then rename it over `path`."""
+    """Call `write` on a temporary sibling of `path`, then rename it over `path`; both are fsynced.
+
+    Temporary siblings that killed writers left behind are removed first (only names of our own pattern).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    lock = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # tells other writers of `path` that this temp file is in use
         write(tmp)
+        _fsync(tmp)
         tmp.replace(path)
+        _fsync(path.parent)  # makes the rename itself durable
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(lock)
 
 
 def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:
     write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def decode_utf8(data: bytes, *, name_line: bool = True) -> str:
+    """`data` as text, or ValueError `not UTF-8 text (byte 0xNN at line L, column C)` (no line if not `name_line`)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        where = f"line {line}, column {column}" if name_line else f"column {column}"
+        raise ValueError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at {where})") from None

@@ -20,6 +20,7 @@ import pandas as pd
 from harness.config import build, to_dict
 from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
+from harness.names import check_name
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, init_ray
 
@@ -51,12 +52,19 @@ class SweepConfig:
     runs_dir: str = "artifacts/runs"
 
     def __post_init__(self) -> None:
+        check_name(self.name, "name")  # it becomes a directory
         if self.train.mode != "behaviorsft":
             raise ValueError("train.mode: sweeps optimise behavior selection, so the mode must be behaviorsft")
         for key, spec in self.search_space.items():
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
                 raise ValueError(f"search_space.{key}: expected one of {{{', '.join(SAMPLERS)}: [values]}}")
-            for value in _candidates(spec):  # every candidate must make a valid training config
+            kind, values = next(iter(spec.items()))
+            try:
+                values = _sampler_values(kind, values)
+            except ValueError as exc:
+                raise ValueError(f"search_space.{key}.{kind}: {exc}") from None
+            self.search_space[key] = {kind: values}
+            for value in _candidates(kind, values):  # every candidate must make a valid training config
                 try:
                     build(TrainConfig, _set(to_dict(self.train), key, value), "search_space")
                 except ConfigError as exc:
@@ -67,9 +75,43 @@ class SweepConfig:
         return Path(self.runs_dir).resolve() / "sweeps" / self.name
 
 
-def _candidates(spec: dict[str, list]) -> list:
-    kind, values = next(iter(spec.items()))
-    return list(values) if kind in ("grid", "choice") else [values[0], values[-1]]
+def _bound(value: object, integer: bool) -> int | float | None:
+    """`value` as a sampler bound, or None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (not integer and isinstance(value, float)):
+        return value
+    if not integer and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 as a string
+        except ValueError:
+            return None
+    return None
+
+
+def _sampler_values(kind: str, values: object) -> list:
+    """The values of one sampler, checked (bounds made numbers); a ValueError says what is wrong."""
+    if kind in ("grid", "choice"):
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"expected a non-empty list of values, got {values!r}")
+        return values
+    if not isinstance(values, list) or len(values) != 2:
+        raise ValueError(f"expected [low, high], got {values!r}")
+    low, high = bounds = [_bound(v, integer=kind == "randint") for v in values]
+    if low is None or high is None:
+        raise ValueError(f"expected {'integers' if kind == 'randint' else 'numbers'} [low, high], got {values!r}")
+    if low >= high:
+        raise ValueError(f"low must be below high, got {values!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"low must be above 0 (a log scale), got {values!r}")
+    return bounds
+
+
+def _candidates(kind: str, values: list) -> list:
+    """The values a sampler can give that are checked up front: all of a grid or choice, else both ends."""
+    if kind in ("grid", "choice"):
+        return list(values)
+    return [values[0], values[1] - 1] if kind == "randint" else list(values)  # randint's high is exclusive
 
 
 def _set(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:

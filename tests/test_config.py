@@ -27,6 +27,12 @@ def test_yaml_and_overrides(tmp_path: Path):
         ("", ["deepspeed.zero_stage=4"], "zero_stage: 4 is not 0, 1, 2 or 3"),
         ("", ["epochs"], "expected key=value"),
         ("lora: [1]\n", [], "c.yaml: lora: expected a mapping"),
+        (
+            "epochs: 2\nlora: {enabled: true\n",
+            [],
+            "c.yaml: cannot read config: not valid YAML at line 3, column 1: expected ','",
+        ),
+        ("- 1\n", ["epochs=2"], "c.yaml: expected a mapping, got [1]"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, text, overrides, needle):
@@ -35,3 +41,15 @@ def test_bad_configs_name_the_key(tmp_path: Path, text, overrides, needle):
     with pytest.raises(ConfigError) as info:
         config.load(TrainConfig, path, overrides)
     assert needle in str(info.value)
+
+
+def test_config_errors_are_one_line(tmp_path: Path):
+    with pytest.raises(ConfigError) as info:
+        config.load(TrainConfig, tmp_path / "missing.yaml")
+    assert str(info.value) == f"{tmp_path / 'missing.yaml'}: cannot read config: No such file or directory"
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 2\n\tlora: {}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(TrainConfig, path)
+    problem = "not valid YAML at line 2, column 1: found character '\\t' that cannot start any token"
+    assert str(info.value) == f"{path}: cannot read config: {problem}"

@@ -61,6 +61,7 @@ def test_loading_refuses_a_bad_file_unless_asked_to_skip(tmp_path: Path):
     rejected = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert len(rejected) == 11
     assert rejected[0]["source"] == f"{bad}:2"
+    assert rejected[0]["row"] == (bad.read_text().splitlines()[1])  # malformed JSON: the line itself, not lost
     assert rejected[5]["row"]["task_id"] == "ok-1"  # the duplicate, kept whole
 
 

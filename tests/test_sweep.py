@@ -41,9 +41,10 @@ def test_search_space_errors_name_the_key(sample, tiny_model, tmp_path):
     values["search_space"] = {"learning_rate": {"normal": [0.1]}}
     with pytest.raises(ConfigError, match="expected one of"):
         config.build(SweepConfig, values)
-    values["search_space"] = {"learning_rate": {"loguniform": [1e-4, 1e-2]}}
+    values["search_space"] = {"learning_rate": {"loguniform": ["1e-4", 1e-2]}}  # YAML 1.1 reads 1e-4 as a string
     space = param_space(config.build(SweepConfig, values))
     assert type(space["train"]["learning_rate"]).__name__ == "Float"
+    assert (space["train"]["learning_rate"].lower, space["train"]["learning_rate"].upper) == (1e-4, 1e-2)
 
 
 @pytest.mark.slow

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.bench.records import check_row, normalize_row
+from harness.bench.records import REQUIRED, check_row, normalize_row
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
 from harness.errors import DataError
+from harness.files import decode_utf8, write_atomic
 
 if TYPE_CHECKING:
     import ray.data
@@ -42,28 +44,61 @@ def data_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line, row or None, raw text or parse error) for every row of one file, streaming."""
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    """`path` opened as a Parquet table of tasks; a file that is not one raises a one-line DataError."""
+    with path.open("rb") as handle:
+        if handle.read(4) != b"PAR1":
+            raise DataError([], f"{path}: not a Parquet file (it does not start with PAR1)")
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError([], f"{path}: truncated or corrupt Parquet file ({_first_line(exc)})") from None
+    missing = [name for name in REQUIRED if name not in table.schema_arrow.names]
+    if missing:
+        raise DataError(
+            [],
+            f"{path}: not a BehaviorBench task table: missing column(s) {', '.join(missing)} "
+            f"(it has {', '.join(table.schema_arrow.names)})",
+        )
+    return table
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str, str]]:
+    """(line, row, "") for every row of one file, or (line, the line's text, problem) for a line that is no row."""
     if path.suffix == ".parquet":
+        table = _parquet_file(path)
         line = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                line += 1
-                yield line, row, ""
+        try:
+            for batch in table.iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    line += 1
+                    yield line, row, ""
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError([], f"{path}: corrupt Parquet file after row {line} ({_first_line(exc)})") from None
         return
-    with path.open(encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad row, not a failed file
+        for line, data in enumerate(handle, start=1):
+            raw = data.decode("utf-8", errors="backslashreplace").rstrip("\r\n")  # kept whole in rejects
+            try:
+                text = decode_utf8(data, name_line=False)
+            except ValueError as exc:
+                yield line, raw, str(exc)
+                continue
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield line, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                yield line, raw, f"malformed JSON: {exc.msg} (column {exc.colno})"
                 continue
             if not isinstance(row, dict):
-                yield line, None, f"expected a JSON object, got {type(row).__name__}"
+                yield line, raw, f"expected a JSON object, got {type(row).__name__}"
                 continue
-            yield line, row, text
+            yield line, row, ""
 
 
 @dataclass
@@ -81,10 +116,10 @@ def _scan(path: str | Path, taxonomy: Taxonomy, on_good=None, on_bad=None) -> Sc
     result = ScanResult(files=data_files(path))
     seen: dict[str, str] = {}
     for file in result.files:
-        for line, row, raw in _raw_rows(file):
+        for line, row, problem in _raw_rows(file):
             where = f"{file}:{line}"
-            if row is None:
-                issues = [("<row>", raw)]
+            if problem:
+                issues = [("<row>", problem)]
             else:
                 issues = check_row(row, taxonomy)
                 task_id = row.get("task_id")
@@ -97,7 +132,7 @@ def _scan(path: str | Path, taxonomy: Taxonomy, on_good=None, on_bad=None) -> Sc
                 result.rejected_lines += 1
                 result.problems += [f"{where}: {name}: {message}" for name, message in issues]
                 if on_bad is not None:
-                    on_bad(where, issues, row if row is not None else raw)
+                    on_bad(where, issues, row)
                 continue
             good = normalize_row(row)
             result.good_rows += 1
@@ -183,7 +218,8 @@ def load_dataset(
     """The tasks at `path` as a streaming `ray.data.Dataset` (no process holds them all).
 
     One streaming validation pass runs first. With bad rows and `skip_bad_rows`, the good rows are
-    streamed into a clean JSONL copy under `clean_dir` and the rejects to `rejects_path`.
+    streamed into a clean JSONL copy under `clean_dir` (default: beside `rejects_path`; one of them is needed)
+    and the rejects to `rejects_path`.
     `num_cpus` is what each read and parse task reserves (light work: a fraction is fine).
     """
     import ray.data
@@ -194,14 +230,19 @@ def load_dataset(
     if result.problems:
         if not skip_bad_rows:
             _refuse(result, path)
-        clean = Path(clean_dir or Path(rejects_path or "rejects.jsonl").parent) / "clean.jsonl"
-        clean.parent.mkdir(parents=True, exist_ok=True)
+        if clean_dir is None and rejects_path is None:
+            raise ValueError("load_dataset: skipping bad rows needs clean_dir or rejects_path (where the copy goes)")
+        clean = Path(clean_dir or Path(rejects_path).parent) / "clean.jsonl"
         rejects = _Rejects(Path(rejects_path) if rejects_path else None)
-        with clean.open("w", encoding="utf-8") as handle:
-            try:
+
+        def write_clean(tmp: Path) -> None:
+            with tmp.open("w", encoding="utf-8") as handle:
                 _scan(path, taxonomy, on_good=lambda row: handle.write(json.dumps(row) + "\n"), on_bad=rejects)
-            finally:
-                rejects.close()
+
+        try:
+            write_atomic(clean, write_clean)
+        finally:
+            rejects.close()
         files = [clean]
     jsonl = [str(f) for f in files if f.suffix == ".jsonl"]
     parquet = [str(f) for f in files if f.suffix == ".parquet"]

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-import yaml
-
+from harness.config import read_yaml
 from harness.errors import ConfigError
 
 DEFAULT_TAXONOMY = Path(__file__).with_name("taxonomy.yaml")
@@ -77,11 +76,7 @@ def _mapping(value: object, where: str) -> dict:
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
     """Read and check a taxonomy file; errors name the file and the key."""
     path = Path(path or DEFAULT_TAXONOMY)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read taxonomy: {exc}") from None
-    raw = _mapping(raw, str(path))
+    raw = _mapping(read_yaml(path, "taxonomy"), str(path))
     unknown = set(raw) - {"behaviors", "task_types", "categories"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")

@@ -1,0 +1,449 @@
+"""Bad input gets one line naming the file, the line or key and the field, a non-zero exit, and nothing lost.
+
+The CLI tests run `python -m harness.cli` in a fresh directory and check that no file outside the test's
+temporary directory changed (the checkout and the working directory are snapshotted).
+"""
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import config
+from harness.bench import load_dataset, load_tasks, load_taxonomy, validate
+from harness.errors import ConfigError, DataError
+from harness.files import write_atomic, write_text
+from harness.sweep import SweepConfig
+from harness.train import TrainConfig
+
+from .conftest import BAD_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHES = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+NAMES = "(letters, digits, '.', '_' or '-', starting with a letter or digit, at most 128 characters, no '..')"
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root` (caches left out) with its size and modification time."""
+    files = {}
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = [d for d in subdirectories if d not in CACHES]
+        for name in names:
+            stat = os.stat(os.path.join(directory, name), follow_symlinks=False)
+            files[os.path.relpath(os.path.join(directory, name), root)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def _harness(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in an empty directory under `tmp_path`; assert it changed no file but the ones under tmp_path."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    before = _listing(ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+    )
+    assert _listing(ROOT) == before
+    assert "Traceback" not in run.stderr + run.stdout
+    return run
+
+
+def _one_error_line(run: subprocess.CompletedProcess, message: str, code: int = 1) -> None:
+    assert run.returncode == code
+    assert run.stderr == f"error: {message}\n"
+
+
+# 1. Bytes that are not UTF-8
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_one_bad_row_and_the_others_are_checked(tmp_path: Path):
+    bad = BAD_DIR / "not_utf8.jsonl"
+    result = validate(bad)
+    assert result.problems == [
+        f"{bad}:2: <row>: not UTF-8 text (byte 0xe9 at column 149)",
+        f"{bad}:3: task_id: missing field",
+    ]
+    assert result.good_rows == 2
+    rejects = tmp_path / "rejects.jsonl"
+    frame = load_tasks(bad, skip_bad_rows=True, rejects_path=rejects)
+    assert list(frame["task_id"]) == ["u-1", "u-4"]
+    first = json.loads(rejects.read_text().splitlines()[0])
+    assert first["source"] == f"{bad}:2"
+    assert '"task_id": "u-2"' in first["row"] and "caf\\xe9 au lait?" in first["row"]  # the line, kept whole
+
+    run = _harness(tmp_path, "data", "validate", str(bad))
+    assert run.returncode == 1
+    assert run.stdout.splitlines() == result.problems
+    assert run.stderr == f"{bad}: 2 problem(s) in 2 row(s); 2 row(s) valid\n"
+    assert not (tmp_path / "cwd" / "artifacts").exists()  # no log for a user error
+
+
+def test_yaml_config_and_taxonomy_that_are_not_utf8(tmp_path: Path):
+    bad_config = BAD_DIR / "not_utf8_config.yaml"
+    message = f"{bad_config}: not UTF-8 text (byte 0xe9 at line 2, column 14)"
+    with pytest.raises(ConfigError) as info:
+        config.load(TrainConfig, bad_config)
+    assert str(info.value) == message
+    _one_error_line(_harness(tmp_path, "train", "--config", str(bad_config)), message)
+
+    bad_taxonomy = BAD_DIR / "not_utf8_taxonomy.yaml"
+    message = f"{bad_taxonomy}: not UTF-8 text (byte 0xab at line 3, column 14)"
+    with pytest.raises(ConfigError) as info:
+        load_taxonomy(bad_taxonomy)
+    assert str(info.value) == message
+    run = _harness(tmp_path, "data", "validate", str(BAD_DIR / "mixed.jsonl"), "--taxonomy", str(bad_taxonomy))
+    _one_error_line(run, message)
+
+
+# 2. Parquet files that are not task tables
+
+PARQUET = [
+    ("truncated.parquet", "truncated or corrupt Parquet file (Parquet magic bytes not found in footer."),
+    ("not_parquet.parquet", "not a Parquet file (it does not start with PAR1)"),
+    (
+        "predictions.parquet",
+        "not a BehaviorBench task table: missing column(s) case_id, messages, split "
+        "(it has task_id, agent, category, task_type, gold_behavior, pred_behavior)",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, problem", PARQUET)
+def test_parquet_that_is_not_a_task_table_is_one_line(tmp_path: Path, name: str, problem: str):
+    path = BAD_DIR / name
+    for load in (validate, load_tasks, lambda p: load_dataset(p, skip_bad_rows=True, clean_dir=tmp_path)):
+        with pytest.raises(DataError) as info:
+            load(path)
+        assert str(info.value).startswith(f"{path}: {problem}") and "\n" not in str(info.value)
+    run = _harness(tmp_path, "data", "validate", str(path))
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith(f"error: {path}: {problem}") and run.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "cwd"]  # no clean copy, no rejects
+
+
+# 3. Overrides of string fields stay strings
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("run_name=2024", "2024"),
+        ("run_name=1.50", "1.50"),
+        ("run_name=true", "true"),
+        ("run_name=2024-01-01", "2024-01-01"),
+        ("run_name='0042'", "0042"),
+        ("model.name_or_path=7", "7"),
+    ],
+)
+def test_an_override_of_a_string_field_keeps_its_text(override: str, expected: str):
+    cfg = config.load(TrainConfig, None, [override])
+    key = override.split("=")[0]
+    assert (cfg.model.name_or_path if key.startswith("model.") else cfg.run_name) == expected
+
+
+def test_numbers_still_parse_and_none_stays_none():
+    cfg = config.load(TrainConfig, None, ["epochs=5", "learning_rate=1e-4", "taxonomy=2024", "use_gpu=true"])
+    assert (cfg.epochs, cfg.learning_rate, cfg.taxonomy, cfg.use_gpu) == (5, 1e-4, "2024", True)
+    assert config.load(TrainConfig, None, ["taxonomy=null"]).taxonomy is None
+    sweep = config.load(SweepConfig, None, ["name=2024", "train.run_name=7"])
+    assert (sweep.name, sweep.train.run_name) == ("2024", "7")
+    with pytest.raises(ConfigError, match=r"^config: epochs: expected int, got 'five'$"):
+        config.load(TrainConfig, None, ["epochs=five"])
+
+
+def test_cli_keeps_a_numeric_run_name_a_string(tmp_path: Path):
+    # Before the fix `run_name=2024` failed first ("expected str, got 2024"); now the next check speaks.
+    _one_error_line(_harness(tmp_path, "train", "run_name=2024", "epochs=0"), "config: epochs: must be at least 1")
+    run = _harness(tmp_path, "train", "run_name=a: b: c")
+    _one_error_line(
+        run,
+        "override 'run_name=a: b: c': the value is not valid YAML at line 1, column 5: "
+        "mapping values are not allowed here",
+    )
+
+
+# 4. Sweep search spaces and names
+
+
+@pytest.mark.parametrize("case", yaml.safe_load((BAD_DIR / "search_spaces.yaml").read_text()))
+def test_malformed_search_spaces_name_the_key(tmp_path: Path, case: dict):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"search_space": case["search_space"]}))
+    with pytest.raises(ConfigError) as info:
+        config.load(SweepConfig, path)
+    assert str(info.value) == f"{path}: {case['error']}"
+
+
+def test_cli_refuses_a_bad_search_space_and_a_bad_sweep_name_before_anything_is_created(tmp_path: Path):
+    case = yaml.safe_load((BAD_DIR / "search_spaces.yaml").read_text())[2]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"search_space": case["search_space"], "runs_dir": str(tmp_path / "runs")}))
+    _one_error_line(_harness(tmp_path, "sweep", "--config", str(path)), f"{path}: {case['error']}")
+    bad_name = BAD_DIR / "sweep_bad_name.yaml"
+    run = _harness(tmp_path, "sweep", "--config", str(bad_name))
+    _one_error_line(run, f"{bad_name}: name: '../escaped' is not a valid name {NAMES}")
+    run = _harness(tmp_path, "sweep", "name=../x", f"runs_dir={tmp_path / 'runs'}")
+    _one_error_line(run, f"config: name: '../x' is not a valid name {NAMES}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cwd", "sweep.yaml"]
+
+
+# 5. Unexpected errors: one line with the root cause, the traceback in a log
+
+CRASHING_CLI = """
+import sys
+import time
+
+from harness.cli import app, run
+
+
+@app.command("boom")
+def boom() -> None:
+    try:
+        {}["the missing key"]
+    except KeyError as exc:
+        raise RuntimeError("a wrapper that hides the cause") from exc
+
+
+@app.command("wait")
+def wait() -> None:
+    print("ready", flush=True)
+    time.sleep(600)
+
+
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def _script(tmp_path: Path, text: str) -> Path:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(text))
+    return script
+
+
+def _log_line(stderr: str, root: str, log_dir: str) -> Path:
+    match = re.fullmatch(
+        rf"error: {re.escape(root)} \(full traceback: ({re.escape(log_dir)}/harness-\S+\.log)\)\n", stderr
+    )
+    assert match, stderr
+    return Path(match.group(1))
+
+
+def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_log(tmp_path: Path):
+    script = _script(tmp_path, CRASHING_CLI)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = _listing(ROOT)
+    run = subprocess.run([sys.executable, str(script), "boom"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    log = _log_line(run.stderr, "KeyError: 'the missing key'", "artifacts/logs")
+    text = (cwd / log).read_text()
+    assert text.startswith("Traceback") and "RuntimeError: a wrapper that hides the cause" in text
+    assert "which was caused by:" in text and text.rstrip().endswith("KeyError: 'the missing key'")
+
+    logs = tmp_path / "elsewhere" / "logs"
+    run = subprocess.run(
+        [sys.executable, str(script), "boom"],
+        cwd=cwd,
+        env={**env, "HARNESS_LOG_DIR": str(logs)},
+        capture_output=True,
+        text=True,
+    )
+    assert _log_line(run.stderr, "KeyError: 'the missing key'", str(logs)).parent == logs
+    assert len(list((cwd / "artifacts" / "logs").iterdir())) == 1  # the first run's log only
+    assert _listing(ROOT) == before
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path):
+    script = _script(tmp_path, CRASHING_CLI)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        [sys.executable, str(script), "wait"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout.readline() == b"ready\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert stderr.decode() == "error: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["script.py"]
+
+
+RAY_CLI = """
+import sys
+
+import ray
+import ray.train
+from ray import tune
+from ray.train.torch import TorchTrainer
+
+from harness.cli import app, run
+from harness.errors import DataError
+
+
+@ray.remote
+def fails() -> None:
+    raise ValueError("bad value in a task")
+
+
+@ray.remote
+def refuses() -> None:
+    raise DataError(["f.jsonl:3: task_id: missing field"], "f.jsonl: 1 problem(s) in 1 row(s)")
+
+
+@ray.remote
+class Worker:
+    def work(self) -> None:
+        raise ZeroDivisionError("division by zero in an actor")
+
+
+def trial(config: dict) -> None:
+    raise LookupError("no such thing in a trial")
+
+
+def train_loop() -> None:
+    raise OverflowError("too big in a training worker")
+
+
+@app.command("task")
+def task() -> None:
+    ray.get(fails.remote())
+
+
+@app.command("user-error")
+def user_error() -> None:
+    ray.get(refuses.remote())
+
+
+@app.command("actor")
+def actor() -> None:
+    ray.get(Worker.remote().work.remote())
+
+
+@app.command("tune")
+def tune_trial() -> None:
+    storage = sys.argv[1]
+    results = tune.Tuner(trial, run_config=tune.RunConfig(name="t", storage_path=storage)).fit()
+    raise results[0].error
+
+
+@app.command("train")
+def train() -> None:
+    storage = sys.argv[1]
+    run_config = ray.train.RunConfig(name="r", storage_path=storage)
+    TorchTrainer(train_loop, scaling_config=ray.train.ScalingConfig(num_workers=1), run_config=run_config).fit()
+
+
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+for command in sys.argv[2:]:
+    print(f"--- {command}", file=sys.stderr, flush=True)
+    print(command, run([command]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_errors_raised_inside_ray_reach_the_user_as_one_line(tmp_path: Path):
+    """Run under `flock /tmp/heavy.lock`: it starts Ray."""
+    script = _script(tmp_path, RAY_CLI)
+    logs = tmp_path / "logs"
+    roots = {
+        "task": "ValueError: bad value in a task",
+        "actor": "ZeroDivisionError: division by zero in an actor",
+        "train": "OverflowError: too big in a training worker",
+        "tune": "LookupError: no such thing in a trial",
+    }
+    commands = ["user-error", *roots]
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "storage"), *commands],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HARNESS_LOG_DIR": str(logs)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert [line for line in run.stdout.splitlines() if line.split(" ")[0] in commands] == [
+        f"{command} 1" for command in commands
+    ]
+    printed = dict(re.findall(r"^--- (\S+)\n(.*?)(?=^--- |\Z)", run.stderr, flags=re.M | re.S))
+    # A user error raised in a Ray worker is printed as itself (a DataError keeps its problem lines).
+    assert printed["user-error"] == "error: f.jsonl: 1 problem(s) in 1 row(s)\nf.jsonl:3: task_id: missing field\n"
+    for command, root in roots.items():
+        lines = printed[command].splitlines()
+        if command != "tune":  # Tune itself logs a failed trial (with its traceback) before fit() returns
+            assert len(lines) == 1, printed[command]
+        log = _log_line(lines[-1] + "\n", root, str(logs))
+        text = log.read_text()
+        assert text.startswith("Traceback") and text.rstrip().endswith(root)
+
+
+# 6. Atomic writes survive crashes
+
+KILLED_WRITER = """
+import os
+import signal
+import sys
+from pathlib import Path
+
+from harness.files import write_atomic
+
+
+def write_then_die(tmp: Path) -> None:
+    tmp.write_text("half of the new")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+write_atomic(Path(sys.argv[1]), write_then_die)
+"""
+
+
+def test_a_killed_writer_leaves_the_old_file_and_the_next_write_removes_only_its_temp(tmp_path: Path):
+    target = tmp_path / "results" / "table.json"
+    write_text(target, "old")
+    script = _script(tmp_path, KILLED_WRITER)
+    run = subprocess.run([sys.executable, str(script), str(target)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == -signal.SIGKILL
+    assert target.read_text() == "old"
+    (stale,) = [p for p in target.parent.iterdir() if p != target]
+    assert re.fullmatch(r"\.table\.json\.[0-9a-f]{32}\.tmp", stale.name) and stale.read_text() == "half of the new"
+
+    others = [".table.json.notours.tmp", ".table.json.0123.tmp", f".other.json.{'a' * 32}.tmp", "table.json.bak"]
+    for name in others:
+        (target.parent / name).write_text("not ours")
+    live = target.parent / f".table.json.{'b' * 32}.tmp"
+    live.write_text("being written")
+    lock = os.open(live, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a writer that is still running holds it
+    try:
+        write_text(target, "new")
+    finally:
+        os.close(lock)
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([*others, live.name, "table.json"])
+
+
+def test_write_atomic_fsyncs_the_file_then_the_directory(tmp_path: Path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "t.txt"
+    write_atomic(target, lambda tmp: tmp.write_text("x"))
+    assert len(synced) == 2
+    assert re.fullmatch(rf"{re.escape(str(tmp_path))}/\.t\.txt\.[0-9a-f]{{32}}\.tmp", synced[0])
+    assert synced[1] == str(tmp_path)
+    assert target.read_text() == "x" and sorted(tmp_path.iterdir()) == [target]

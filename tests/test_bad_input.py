@@ -71,7 +71,7 @@ def test_a_jsonl_line_that_is_not_utf8_is_one_bad_row_and_the_others_are_checked
     bad = BAD_DIR / "not_utf8.jsonl"
     result = validate(bad)
     assert result.problems == [
-        f"{bad}:2: <row>: not UTF-8 text (byte 0xe9 at column 149)",
+        f"{bad}:2: <row>: not UTF-8 text (byte 0xe9 at column 143)",
         f"{bad}:3: task_id: missing field",
     ]
     assert result.good_rows == 2

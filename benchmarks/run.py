@@ -107,12 +107,11 @@ def harness_eval(
             "max_new_tokens": 16,
             "bootstrap": 0,
             "output_dir": str(work / name),
-            "leaderboard": str(work / f"{name}.pq"),
             "agents": specs,
         },
     )
     began = time.perf_counter()
-    table = evaluate(cfg)
+    table = evaluate(cfg).metrics
     return time.perf_counter() - began, int(table[(table.slice == "overall") & (table.subset == "all")].n.iloc[0])
 
 

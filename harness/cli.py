@@ -158,7 +158,9 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -
 
     cfg = configs.load(EvalConfig, config, overrides or [])
     with progress_bars() as update:
-        run_evaluation(cfg, progress=update)
+        result = run_evaluation(cfg, progress=update)
+    leaderboard.append(cfg.leaderboard, result.metrics)
+    result.raise_failures(cfg.leaderboard)
     print_frame(leaderboard.ranking(leaderboard.read(cfg.leaderboard)), title=f"leaderboard: {cfg.leaderboard}")
 
 

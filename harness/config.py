@@ -128,20 +128,33 @@ def apply_overrides(values: dict[str, Any], overrides: list[str], cls: type | No
         if "=" not in override:
             raise ConfigError(f"override {override!r}: expected key=value")
         key, raw = override.split("=", 1)
-        node = values
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {override!r}: {part} is not a section")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {override!r}: the value is not valid YAML{_yaml_problem(exc)}") from None
-        if isinstance(value, (int, float, datetime.date)) and _is_str(_field_type(cls, parts)):
+        if isinstance(value, (int, float, datetime.date)) and _is_str(_field_type(cls, key.split("."))):
             value = raw.strip()
-        node[parts[-1]] = value
+        set_dotted(values, key, value, f"override {override!r}")
     return values
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """Set `dotted` (`a.b.c`) in the nested mapping `values`, in place, creating missing sections."""
+    node = values
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part} is not a section")
+    node[last] = value
+
+
+def get_dotted(values: dict[str, Any], dotted: str) -> Any:
+    """The value at `dotted` (`a.b.c`) in a nested mapping, or None when absent."""
+    node: Any = values
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

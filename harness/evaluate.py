@@ -288,11 +288,23 @@ def _write_failure(store: PredictionStore, name: str, error: str) -> str:
     return f"agent {name}: {last.strip()} (full traceback: {log})"
 
 
-def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
-    """Run every agent that has no final predictions yet; score all; update the leaderboard.
+@dataclass
+class EvalResult:
+    metrics: pd.DataFrame  # tidy leaderboard rows of the agents that finished (harness.leaderboard.COLUMNS)
+    failures: list[str]  # one line per agent that failed; its traceback is logged beside its predictions
 
-    Returns the tidy metrics rows written to the leaderboard for this config's agents. Agents that
-    failed are reported together after the others are recorded (HarnessError).
+    def raise_failures(self, recorded: str) -> None:
+        """HarnessError naming every failed agent, once the others are `recorded` (e.g. the leaderboard path)."""
+        if self.failures:
+            others = f"; the other agents are recorded in {recorded}" if len(self.metrics) else ""
+            raise HarnessError("; ".join(self.failures) + others)
+
+
+def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
+    """Run every agent that has no final predictions yet and score all of them (with paired comparisons).
+
+    The caller records the metrics (`harness.leaderboard.append`); an agent that fails is reported in
+    `failures` and the others still finish.
     """
     import ray
 
@@ -358,9 +370,4 @@ def evaluate(cfg: EvalConfig, progress=None) -> pd.DataFrame:
             )
         )
     table = pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(columns=leaderboard.COLUMNS)
-    if metrics:
-        leaderboard.append(cfg.leaderboard, table)
-    if failures:
-        recorded = f"; the other agents are recorded in {cfg.leaderboard}" if metrics else ""
-        raise HarnessError("; ".join(failures.values()) + recorded)
-    return table
+    return EvalResult(table, list(failures.values()))

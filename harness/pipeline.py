@@ -10,8 +10,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness import config as configs
 from harness import leaderboard
@@ -22,7 +23,9 @@ from harness.sweep import SweepConfig, sweep
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, train
 
-TINY_MODEL = "artifacts/tiny-qwen2"  # how the tiny profile's configs name the model that step 2 makes
+CONFIGS = Path(str(resources.files("harness") / "configs"))  # jobs/configs, shipped as package data
+TINY_MODEL = "artifacts/tiny-qwen2"
+T = TypeVar("T")  # how the tiny profile's configs name the model that step 2 makes
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,15 @@ class Profile:
     """What `harness demo --profile NAME` runs: its base model, its step configs and where results go."""
 
     base_model: str  # TINY_MODEL (made from the data) or a packaged model's name
-    train_config: str
+    train_config: str  # under CONFIGS
     eval_config: str
     sweep_config: str | None = None  # None: train with the train config's own token design
     results: str = ""  # sub-directory of the results root
 
 
 PROFILES = {
-    "tiny": Profile(TINY_MODEL, "jobs/configs/behaviorsft.yaml", "jobs/configs/eval.yaml", "jobs/configs/sweep.yaml"),
-    "smollm2": Profile(
-        "smollm2", "jobs/configs/smollm2/behaviorsft.yaml", "jobs/configs/smollm2/eval.yaml", results="smollm2"
-    ),
+    "tiny": Profile(TINY_MODEL, "behaviorsft.yaml", "eval.yaml", "sweep.yaml"),
+    "smollm2": Profile("smollm2", "smollm2/behaviorsft.yaml", "smollm2/eval.yaml", results="smollm2"),
 }
 
 
@@ -55,6 +56,27 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile: {self.profile!r} is not one of {list(PROFILES)}")
+
+
+def step_config(cls: type[T], path: Path, values: dict[str, Any]) -> T:
+    """Config `cls` read from `path` with each dotted key of `values` set to its (typed) value."""
+    loaded = configs.read_yaml(path, "config") or {}
+    for key, value in values.items():
+        configs.set_dotted(loaded, key, value, str(path))
+    return configs.build(cls, loaded, str(path))
+
+
+def training_values(mode: Mode, run_name: str, best: dict[str, Any] | None) -> dict[str, Any]:
+    """What the training of `mode` sets: its mode and run name and, after a sweep, every key the sweep
+    searched at the best trial's value (typed, as the trial ran) and the token design saved with its model."""
+    values: dict[str, Any] = {"mode": mode.value, "run_name": run_name}
+    if best is not None:
+        values.update(best["searched"])
+        chosen = TokenDesign.load(best["final_model"])
+        if chosen is None:
+            raise ConfigError(f"best trial {best['trial_id']}: no token design saved in {best['final_model']}")
+        values["design"] = asdict(chosen)
+    return values
 
 
 def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[], Any]) -> Any:
@@ -73,11 +95,9 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
     profile = PROFILES[cfg.profile]
     artifacts, results = Path(cfg.artifacts), Path(cfg.results) / profile.results
     os.environ.setdefault("HARNESS_MODELS_DIR", str(artifacts / "models"))  # where packaged models are imported
-    data, runs = artifacts / "data" / "tasks.jsonl", artifacts / "runs"
-    tiny = artifacts / "tiny-qwen2"
+    data, runs, tiny = artifacts / "data" / "tasks.jsonl", artifacts / "runs", artifacts / "tiny-qwen2"
     base = str(tiny) if profile.base_model == TINY_MODEL else profile.base_model
-    paths = [f"data={data}", f"runs_dir={runs}"]
-    model_path = f"model.name_or_path={base}"
+    board = results / "leaderboard.parquet"
 
     def make_data() -> None:
         if not data.exists():
@@ -94,8 +114,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
         if profile.sweep_config is None:
             log("no sweep in this profile: training uses the train config's token design")
             return None
-        overrides = [f"train.data={data}", f"train.{model_path}", f"runs_dir={runs}"]
-        sweep_cfg = configs.load(SweepConfig, profile.sweep_config, overrides)
+        paths = {"train.data": str(data), "train.model.name_or_path": base, "runs_dir": str(runs)}
+        sweep_cfg = step_config(SweepConfig, CONFIGS / profile.sweep_config, paths)
         best = sweep_cfg.directory / "best.json"
         if not best.exists():
             table = sweep(sweep_cfg)
@@ -105,44 +125,41 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
         return chosen
 
     def train_both(best: dict[str, Any] | None) -> None:
-        design: list[str] = []
-        if best is not None:
-            chosen = TokenDesign.load(best["final_model"])  # the design the best trial saved with its model
-            if chosen is None:
-                raise ConfigError(f"best trial {best['trial_id']}: no token design saved in {best['final_model']}")
-            design = [f"design.{key}={value}" for key, value in asdict(chosen).items()]
-            if best.get("learning_rate") is not None:
-                design.append(f"learning_rate={best['learning_rate']}")
-        common = [f"data={data}", model_path, f"storage_path={runs}"]
+        path = CONFIGS / profile.train_config
+        paths = {"data": str(data), "model.name_or_path": base, "storage_path": str(runs)}
+        base_name = str((configs.read_yaml(path, "config") or {}).get("run_name", Mode.BEHAVIORSFT.value))
         for mode in (Mode.BEHAVIORSFT, Mode.SFT):
-            base_cfg = configs.load(TrainConfig, profile.train_config, common)
-            name = base_cfg.run_name.replace(Mode.BEHAVIORSFT.value, mode.value, 1)
-            overrides = [*common, *design, f"mode={mode.value}", f"run_name={name}"]
-            result = train(configs.load(TrainConfig, profile.train_config, overrides))
+            run_name = base_name.replace(Mode.BEHAVIORSFT.value, mode.value, 1)
+            result = train(step_config(TrainConfig, path, {**paths, **training_values(mode, run_name, best)}))
             shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("dev_", "initial_dev"))}
             log(f"{mode.value}: {result.final_model} {shown}")
 
     def run_eval() -> EvalConfig:
-        board = results / "leaderboard.parquet"
-        eval_cfg = configs.load(
-            EvalConfig, profile.eval_config, [*paths, f"output_dir={artifacts / 'eval'}", f"leaderboard={board}"]
-        )
+        paths = {
+            "data": str(data),
+            "runs_dir": str(runs),
+            "output_dir": str(artifacts / "eval"),
+            "leaderboard": str(board),
+        }
+        eval_cfg = step_config(EvalConfig, CONFIGS / profile.eval_config, paths)
         for agent in eval_cfg.agents:  # the embedded default: point the untrained agents at this model
             if agent.model == TINY_MODEL:
                 agent.model = str(tiny)
-        evaluate(eval_cfg, progress=progress)
+        result = evaluate(eval_cfg, progress=progress)
+        leaderboard.append(board, result.metrics)
+        result.raise_failures(str(board))
         return eval_cfg
 
     _step(log, 1, "BehaviorBench-mini (synthetic sample)", make_data)
     _step(log, 2, f"base model ({profile.base_model})", make_model)
     best = _step(log, 3, "token-design sweep (Ray Tune, ASHA)", run_sweep)
     _step(log, 4, "BehaviorSFT and SFT training (Ray Train + DeepSpeed)", lambda: train_both(best))
-    eval_cfg = _step(log, 5, "evaluation of four agents in parallel (Ray Data)", run_eval)
+    _step(log, 5, "evaluation of four agents in parallel (Ray Data)", run_eval)
 
     def export() -> None:
-        table = leaderboard.ranking(leaderboard.read(eval_cfg.leaderboard))
+        table = leaderboard.ranking(leaderboard.read(board))
         leaderboard.export(table, results / "leaderboard.html", "html")
         leaderboard.export(table, results / "leaderboard.md", "md")
 
     _step(log, 6, "leaderboard export", export)
-    return Path(eval_cfg.leaderboard)
+    return board

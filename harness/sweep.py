@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.config import build, to_dict
+from harness.config import build, get_dotted, set_dotted, to_dict
 from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
 from harness.names import check_name
@@ -66,7 +66,7 @@ class SweepConfig:
             self.search_space[key] = {kind: values}
             for value in _candidates(kind, values):  # every candidate must make a valid training config
                 try:
-                    build(TrainConfig, _set(to_dict(self.train), key, value), "search_space")
+                    build(TrainConfig, _with(to_dict(self.train), key, value), "search_space")
                 except ConfigError as exc:
                     raise ValueError(f"search_space.{key}={value!r}: {exc}") from None
 
@@ -114,15 +114,10 @@ def _candidates(kind: str, values: list) -> list:
     return [values[0], values[1] - 1] if kind == "randint" else list(values)  # randint's high is exclusive
 
 
-def _set(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+def _with(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of the training config `values` with `dotted` set to `value`."""
     values = copy.deepcopy(values)
-    node = values
-    *parents, last = dotted.split(".")
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            raise ConfigError(f"search_space: {dotted}: {part} is not a section of the training config")
-        node = node[part]
-    node[last] = value
+    set_dotted(values, dotted, value, f"search_space.{dotted}")
     return values
 
 
@@ -140,7 +135,7 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
     values = to_dict(cfg.train)
     for key, spec in cfg.search_space.items():
         kind, choices = next(iter(spec.items()))
-        values = _set(values, key, samplers[kind](list(choices)))
+        values = _with(values, key, samplers[kind](list(choices)))
     return {"train": values}
 
 
@@ -166,11 +161,9 @@ def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
         trial_id = metrics.get("trial_id") or Path(result.path).name
         final = trials_dir / str(trial_id) / "final"
         row: dict[str, Any] = {"trial_id": str(trial_id), "design": TokenDesign(**config.get("design", {})).name}
-        for key in searched:
-            node: Any = config
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            row[key] = node if not isinstance(node, (list, dict)) else json.dumps(node)
+        chosen = {key: get_dotted(config, key) for key in searched}
+        row.update({k: v if not isinstance(v, (list, dict)) else json.dumps(v) for k, v in chosen.items()})
+        row["searched"] = json.dumps(chosen)  # typed values, for the training that follows the sweep
         row.update(
             {
                 "dev_macro_f1": metrics.get("dev_macro_f1"),
@@ -245,5 +238,6 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
     if finished.empty:
         raise ConfigError(f"sweep {cfg.name}: no trial finished; see {directory / 'trials.parquet'}")
     best = finished.iloc[0].to_dict()
+    best["searched"] = json.loads(best["searched"])
     write_text(directory / "best.json", json.dumps(best, indent=2, default=str) + "\n")
     return table

@@ -49,7 +49,10 @@ def _config(sample, tiny_model, behavior_model, tmp_path, **extra) -> dict:
 
 def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, behavior_model, tmp_path, ray_local):
     cfg = config.build(EvalConfig, _config(sample, tiny_model, behavior_model, tmp_path, part_size=32))
-    table = evaluate(cfg)
+    result = evaluate(cfg)
+    assert result.failures == []
+    table = result.metrics
+    leaderboard.append(cfg.leaderboard, table)
     tasks = pd.read_json(sample, lines=True).query("split == 'test'")
     test_ids = set(tasks.task_id)
     out = Path(cfg.output_dir)
@@ -78,7 +81,7 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     parts = sorted(out.glob("*/part-*.parquet"))
     assert len(parts) >= 2 * 2  # several parts per agent: progress is kept as it comes
 
-    evaluate(cfg)
+    leaderboard.append(cfg.leaderboard, evaluate(cfg).metrics)
     assert sorted(out.glob("*/part-*.parquet")) == parts  # nothing re-run
     after = leaderboard.read(cfg.leaderboard)
     assert len(after) == len(before) and set(after.run_id) == set(before.run_id)
@@ -121,12 +124,15 @@ def test_a_failing_agent_is_reported_in_one_line_and_the_others_are_recorded(
     values = _config(sample, tiny_model, behavior_model, tmp_path, part_size=64, max_tasks=40)
     values["agents"].append({"name": "broken", "model": str(broken), "mode": "zero_shot", "num_cpus": 0.5})
     cfg = config.build(EvalConfig, values)
-    with pytest.raises(HarnessError) as failure:
-        evaluate(cfg)
-    message = str(failure.value)
+    result = evaluate(cfg)
+    (message,) = result.failures
     assert "\n" not in message and message.startswith("agent broken: ")
     log = Path(message.split("(full traceback: ")[1].rstrip(")").split(")")[0])
     assert log.exists() and "Traceback" in log.read_text()
+    leaderboard.append(cfg.leaderboard, result.metrics)
+    with pytest.raises(HarnessError) as failure:
+        result.raise_failures(cfg.leaderboard)
+    assert str(failure.value) == f"{message}; the other agents are recorded in {cfg.leaderboard}"
     board = leaderboard.read(cfg.leaderboard)
     assert set(board.agent) == {"zero-shot", "bsft"}  # the other agents finished and were recorded
     finals = sorted(p.name.split("-")[0] for p in Path(cfg.output_dir).glob("*.parquet"))

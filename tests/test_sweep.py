@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -6,7 +7,10 @@ import pytest
 from harness import config, leaderboard
 from harness.errors import ConfigError
 from harness.evaluate import EvalConfig, evaluate
+from harness.pipeline import CONFIGS, step_config, training_values
+from harness.selection import Mode
 from harness.sweep import SweepConfig, param_space, sweep
+from harness.train import TrainConfig
 
 
 def _values(sample: Path, tiny_model: Path, tmp_path: Path) -> dict:
@@ -14,12 +18,13 @@ def _values(sample: Path, tiny_model: Path, tmp_path: Path) -> dict:
         "name": "t",
         "runs_dir": str(tmp_path / "runs"),
         "scheduler": {"type": "fifo"},
-        "search_space": {"design.spelling": {"grid": ["special", "text"]}, "learning_rate": {"grid": [0.001, 0.004]}},
+        "search_space": {"design.spelling": {"grid": ["special", "text"]}, "warmup_ratio": {"grid": [0.0, 0.2]}},
         "train": {
             "data": str(sample),
             "model": {"name_or_path": str(tiny_model)},
             "epochs": 2,
             "batch_size": 16,
+            "learning_rate": 0.004,
             "max_length": 320,
             "max_train_tasks": 96,
             "eval_max_tasks": 32,
@@ -48,16 +53,18 @@ def test_search_space_errors_name_the_key(sample, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_of_two_designs_by_two_learning_rates(sample, tiny_model, tmp_path, ray_local):
+def test_sweep_of_two_designs_by_two_warmups_carries_every_searched_key_into_training(
+    sample, tiny_model, tmp_path, ray_local
+):
     cfg = config.build(SweepConfig, _values(sample, tiny_model, tmp_path))
     table = sweep(cfg)
     stored = pd.read_parquet(cfg.directory / "trials.parquet")
     assert len(stored) == 4 and set(stored.status) == {"finished"}
-    assert sorted(zip(stored["design.spelling"], stored["learning_rate"], strict=True)) == [
-        ("special", 0.001),
-        ("special", 0.004),
-        ("text", 0.001),
-        ("text", 0.004),
+    assert sorted(zip(stored["design.spelling"], stored["warmup_ratio"], strict=True)) == [
+        ("special", 0.0),
+        ("special", 0.2),
+        ("text", 0.0),
+        ("text", 0.2),
     ]
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
     assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
@@ -65,6 +72,13 @@ def test_sweep_of_two_designs_by_two_learning_rates(sample, tiny_model, tmp_path
 
     again = sweep(cfg)  # a restarted sweep restores instead of training again
     assert sorted(again.trial_id) == sorted(stored.trial_id)
+
+    best = json.loads((cfg.directory / "best.json").read_text())
+    assert best["searched"] == {"design.spelling": stored["design.spelling"][0], "warmup_ratio": stored.warmup_ratio[0]}
+    for mode in (Mode.BEHAVIORSFT, Mode.SFT):  # what the main job trains after the sweep
+        follow = step_config(TrainConfig, CONFIGS / "behaviorsft.yaml", training_values(mode, "after", best))
+        assert follow.warmup_ratio == best["searched"]["warmup_ratio"] != TrainConfig().warmup_ratio
+        assert follow.design.spelling == best["searched"]["design.spelling"] and follow.mode is mode
 
     evaluation = config.build(
         EvalConfig,
@@ -79,7 +93,7 @@ def test_sweep_of_two_designs_by_two_learning_rates(sample, tiny_model, tmp_path
             "agents": [{"name": "best-design", "model": "sweep:t:best", "mode": "behaviorsft", "num_cpus": 0.5}],
         },
     )
-    evaluate(evaluation)
+    leaderboard.append(evaluation.leaderboard, evaluate(evaluation).metrics)
     ranking = leaderboard.ranking(leaderboard.read(evaluation.leaderboard))
     assert ranking.agent.tolist() == ["best-design"]
     assert ranking.design.iloc[0] == stored.design.iloc[0]

@@ -85,13 +85,16 @@ def model_make_tiny(
     data: Annotated[Path, typer.Option(help="BehaviorBench file to train the tokenizer on.")] = Path(
         "artifacts/data/tasks.jsonl"
     ),
-    out: Annotated[Path, typer.Option(help="Directory for the Hugging Face model.")] = Path("artifacts/tiny-qwen2"),
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the Hugging Face model (default: <models dir>/tiny-qwen2).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
 ) -> None:
-    """Write the tiny Qwen2-architecture model (random init) with a locally trained tokenizer."""
-    from harness.model import make_tiny
+    """Write the tiny Qwen2-architecture model (random init) with a locally trained tokenizer; configs name it
+    `tiny-qwen2`."""
+    from harness.model import TINY_MODEL, make_tiny, models_dir
 
-    path = make_tiny(data, out, seed=seed)
+    path = make_tiny(data, out or models_dir() / TINY_MODEL, seed=seed)
     console.print(f"tiny model written to {path}", highlight=False)
 
 

@@ -31,6 +31,7 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+TINY_MODEL = "tiny-qwen2"  # the embedded default's name in models_dir()
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 class ModelSettings:
     """Which model to load and how."""
 
-    name_or_path: str = "artifacts/tiny-qwen2"
+    name_or_path: str = TINY_MODEL
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False
 
@@ -76,27 +77,31 @@ class LoraSettings:
 
 
 def models_dir() -> Path:
-    """Where packaged models are imported: `$HARNESS_MODELS_DIR`, else `artifacts/models`."""
+    """Where named models live (packaged imports, the tiny model): `$HARNESS_MODELS_DIR`, else `artifacts/models`."""
     return Path(os.environ.get("HARNESS_MODELS_DIR", "artifacts/models"))
 
 
 def local_or_hub(name_or_path: str) -> str:
-    """A packaged model's name (`smollm2`) as its directory under `models_dir()`, imported on first use; an
-    existing local directory made absolute; otherwise a hub id (`org/name`), checked for shape. A name wins
-    over a directory of the same name in the current directory (write `./smollm2` for that)."""
+    """Resolve a model reference, in this order: a packaged model's name (`smollm2`), imported into `models_dir()`
+    on first use; a model named in `models_dir()` (`tiny-qwen2`, from `harness model make-tiny`); an existing local
+    directory, made absolute; otherwise a hub id (`org/name`), checked for shape. A name wins over a directory of
+    the same name in the current directory (write `./smollm2` for that)."""
+    named = models_dir() / name_or_path
     if name_or_path in PACKAGED_MODELS:
-        directory = models_dir() / name_or_path
-        if not (directory / "config.json").exists():
-            print(f"importing packaged model {name_or_path} into {directory} (first use)", flush=True)
-            import_packaged(name_or_path, directory)
-        return str(directory.resolve())
+        if not (named / "config.json").exists():
+            print(f"importing packaged model {name_or_path} into {named} (first use)", flush=True)
+            import_packaged(name_or_path, named)
+        return str(named.resolve())
+    if "/" not in name_or_path and (named / "config.json").exists():
+        return str(named.resolve())
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path.resolve())
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
         raise ConfigError(
-            f"model.name_or_path: {name_or_path} is neither an existing directory nor a hub id like org/name "
-            f"(run `harness model make-tiny` for the embedded default; packaged models: {', '.join(PACKAGED_MODELS)})"
+            f"model.name_or_path: {name_or_path} is neither a model in {models_dir()}, an existing directory nor "
+            f"a hub id like org/name (run `harness model make-tiny` for {TINY_MODEL}; packaged models: "
+            f"{', '.join(PACKAGED_MODELS)})"
         )
     return name_or_path
 

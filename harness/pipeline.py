@@ -18,21 +18,21 @@ from harness import config as configs
 from harness import leaderboard
 from harness.errors import ConfigError
 from harness.evaluate import EvalConfig, evaluate
+from harness.model import TINY_MODEL, local_or_hub, make_tiny, models_dir
 from harness.selection import Mode
 from harness.sweep import SweepConfig, sweep
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, train
 
 CONFIGS = Path(str(resources.files("harness") / "configs"))  # jobs/configs, shipped as package data
-TINY_MODEL = "artifacts/tiny-qwen2"
-T = TypeVar("T")  # how the tiny profile's configs name the model that step 2 makes
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Profile:
     """What `harness demo --profile NAME` runs: its base model, its step configs and where results go."""
 
-    base_model: str  # TINY_MODEL (made from the data) or a packaged model's name
+    base_model: str  # a model named in the models dir: TINY_MODEL (made from the data) or a packaged model
     train_config: str  # under CONFIGS
     eval_config: str
     sweep_config: str | None = None  # None: train with the train config's own token design
@@ -90,13 +90,11 @@ def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[]
 def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) -> Path:
     """Run every step whose output is missing; return the leaderboard Parquet path."""
     from harness.bench.synth import write_sample
-    from harness.model import local_or_hub, make_tiny
 
     profile = PROFILES[cfg.profile]
     artifacts, results = Path(cfg.artifacts), Path(cfg.results) / profile.results
-    os.environ.setdefault("HARNESS_MODELS_DIR", str(artifacts / "models"))  # where packaged models are imported
-    data, runs, tiny = artifacts / "data" / "tasks.jsonl", artifacts / "runs", artifacts / "tiny-qwen2"
-    base = str(tiny) if profile.base_model == TINY_MODEL else profile.base_model
+    os.environ.setdefault("HARNESS_MODELS_DIR", str(artifacts / "models"))  # where configs' model names resolve
+    data, runs, base = artifacts / "data" / "tasks.jsonl", artifacts / "runs", profile.base_model
     board = results / "leaderboard.parquet"
 
     def make_data() -> None:
@@ -104,11 +102,10 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
             write_sample(data.parent, tasks=cfg.tasks, seed=cfg.seed)
 
     def make_model() -> str:
-        if profile.base_model != TINY_MODEL:
-            return local_or_hub(base)  # imports a packaged model on first use
-        if not (tiny / "config.json").exists():
+        tiny = models_dir() / TINY_MODEL
+        if base == TINY_MODEL and not (tiny / "config.json").exists():
             make_tiny(data, tiny, seed=cfg.seed)
-        return str(tiny)
+        return local_or_hub(base)  # imports a packaged model on first use
 
     def run_sweep() -> dict[str, Any] | None:
         if profile.sweep_config is None:
@@ -142,9 +139,6 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
             "leaderboard": str(board),
         }
         eval_cfg = step_config(EvalConfig, CONFIGS / profile.eval_config, paths)
-        for agent in eval_cfg.agents:  # the embedded default: point the untrained agents at this model
-            if agent.model == TINY_MODEL:
-                agent.model = str(tiny)
         result = evaluate(eval_cfg, progress=progress)
         leaderboard.append(board, result.metrics)
         result.raise_failures(str(board))

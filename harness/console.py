@@ -1,0 +1,53 @@
+"""A quiet console: what Ray, Tune, DeepSpeed and Hugging Face print goes to a log file, not the terminal.
+
+Long commands (train, sweep, eval, demo) run inside `captured_output`: file descriptors 1 and 2, which
+every Ray worker and library writes to, are pointed at a new log file, and the harness's own progress
+and tables go to the terminal. With `verbose`, the terminal also shows everything (through `tee`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+
+from harness.errors import new_log
+
+
+@contextmanager
+def captured_output(console: Console, command: str, verbose: bool) -> Iterator[Path]:
+    """Send fds 1 and 2 to a new log file (also to the terminal when `verbose`); `console` keeps the terminal."""
+    log = new_log(command)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    with log.open("ab") as sink:
+        tee = None
+        if verbose:  # `tee` ends by itself once the last writer (a Ray process) closes the pipe
+            tee = subprocess.Popen(["tee", "-a", str(log)], stdin=subprocess.PIPE, stdout=saved[1])
+            target = tee.stdin.fileno()
+        else:
+            target = sink.fileno()
+        previous_file = console.file
+        console.file = terminal
+        console.print(f"full log: {log}", highlight=False)
+        for fd in (1, 2):
+            os.dup2(target, fd)
+        try:
+            yield log
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, original in saved.items():
+                os.dup2(original, fd)
+                os.close(original)
+            console.file = previous_file
+            terminal.close()
+            if tee is not None:
+                tee.stdin.close()

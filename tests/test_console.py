@@ -1,0 +1,39 @@
+"""The quiet console: library output (this process, its children) goes to a log file; harness lines stay."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+import os, subprocess, sys
+from rich.console import Console
+from harness.console import captured_output
+
+console = Console(width=120)
+with captured_output(console, "unit", verbose={verbose}) as log:
+    print("library print")
+    os.write(2, b"library stderr\\n")
+    subprocess.run(["echo", "child process"], check=True)
+    console.print("harness progress")
+print("after:", log)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_output_goes_to_the_log_and_harness_lines_to_the_terminal(tmp_path: Path, verbose: bool):
+    env = {**os.environ, "HARNESS_LOG_DIR": str(tmp_path / "logs")}
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(verbose=verbose)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    terminal = run.stdout + run.stderr
+    (log,) = (tmp_path / "logs").glob("unit-*.log")
+    logged = log.read_text()
+    assert "harness progress" in terminal and f"full log: {log}" in terminal and f"after: {log}" in run.stdout
+    for line in ("library print", "library stderr", "child process"):
+        assert line in logged
+        assert (line in terminal) is verbose
+    assert "harness progress" not in logged

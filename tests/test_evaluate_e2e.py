@@ -147,3 +147,30 @@ def test_max_tasks_takes_the_first_tasks_by_id(sample, tiny_model, behavior_mode
     (final,) = Path(values["output_dir"]).glob("*.parquet")
     expected = sorted(pd.read_json(sample, lines=True).query("split == 'test'").task_id)[:20]
     assert list(pd.read_parquet(final).task_id) == expected
+
+
+def test_smollm2_prompt_only_agents_through_the_ray_data_path(sample, smollm2_model, tmp_path, ray_local, monkeypatch):
+    monkeypatch.setenv("HARNESS_MODELS_DIR", str(smollm2_model.parent))  # the reference `smollm2` resolves there
+    agents = [
+        {"name": name, "model": "smollm2", "mode": name.replace("-", "_"), "num_cpus": 0.5, "batch_size": 4}
+        for name in ("zero-shot", "instructed")
+    ]
+    values = {
+        "data": str(sample),
+        "max_tasks": 6,
+        "bootstrap": 50,
+        "output_dir": str(tmp_path / "eval"),
+        "agents": agents,
+    }
+    result = evaluate(config.build(EvalConfig, values))
+    assert result.failures == [] and set(result.metrics.agent) == {"zero-shot", "instructed"}
+    frames = {p.name.split("-")[0]: pd.read_parquet(p) for p in (tmp_path / "eval").glob("*.parquet")}
+    assert sorted(frames) == ["instructed", "zero"]
+    for frame in frames.values():
+        assert len(frame) == 6 and set(frame.strategy) == {"choice"}
+        scores = [json.loads(s) for s in frame.scores]
+        assert all(sorted(s) == ["proactive", "reactive"] and all(v < 0 for v in s.values()) for s in scores)
+        chosen = [max(s, key=s.get) for s in scores]
+        assert chosen == list(frame.pred_behavior)
+    # the instructions change what the model sees, so its scores move
+    assert list(frames["zero"].scores) != list(frames["instructed"].scores)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError, crash_message, exception_chain
+from harness.store import resolve, rooted
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -156,7 +157,7 @@ def train(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
     from harness.train import TrainConfig
     from harness.train import train as run_training
 
-    cfg = configs.load(TrainConfig, config, overrides or [])
+    cfg = rooted(configs.load(TrainConfig, config, overrides or []))
     with quiet("train"):
         result = run_training(cfg)
     shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
@@ -170,7 +171,7 @@ def sweep(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
     from harness.sweep import SweepConfig
     from harness.sweep import sweep as run_sweep
 
-    cfg = configs.load(SweepConfig, config, overrides or [])
+    cfg = rooted(configs.load(SweepConfig, config, overrides or []))
     with quiet("sweep"):
         table = run_sweep(cfg)
     shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", "initial_dev_macro_f1", "status"]
@@ -189,7 +190,7 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -
     from harness.evaluate import EvalConfig
     from harness.evaluate import evaluate as run_evaluation
 
-    cfg = configs.load(EvalConfig, config, overrides or [])
+    cfg = rooted(configs.load(EvalConfig, config, overrides or []))
     with quiet("eval"), progress_bars() as update:
         result = run_evaluation(cfg, progress=update)
     leaderboard.append(cfg.leaderboard, result.metrics)
@@ -255,6 +256,7 @@ def leaderboard_show(
     """Print the ranking of one dataset and split (Macro F1 overall and hard, per-type shares), or export it."""
     from harness import leaderboard
 
+    path = Path(resolve(path))
     if not path.exists():
         raise HarnessError(f"{path}: no leaderboard yet (run `harness eval` first)")
     try:
@@ -286,7 +288,9 @@ def demo(
     from harness import leaderboard
     from harness.pipeline import PipelineConfig, run
 
-    cfg = configs.build(PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile})
+    cfg = rooted(
+        configs.build(PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile})
+    )
     with quiet("demo"), progress_bars() as update:
         board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=update)
     print_frame(leaderboard.ranking(leaderboard.read(board)), title=f"BehaviorBench-mini leaderboard ({board})")

@@ -25,10 +25,11 @@ from harness.bench.io import fingerprint, load_dataset
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
 from harness.errors import ConfigError, HarnessError
 from harness.metrics import score_agents
-from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer, local_or_hub
-from harness.names import check_name, name_problem
+from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer
+from harness.names import name_problem
 from harness.predictions import PredictionStore
 from harness.selection import Mode, Selector, Strategy, encode_prompt, parse_mode, parse_strategy
+from harness.store import local_path, model_path
 from harness.tokens import TokenDesign
 
 BATCH_TRIES = 2  # tries of one model batch before its tasks are reported as failed
@@ -95,26 +96,8 @@ class EvalConfig:
 
 
 def resolve_model(reference: str, runs_dir: str | Path) -> str:
-    """A model reference as a loadable path or hub id: `run:NAME` is that run's final model and
-    `sweep:NAME:best` the best trial of a sweep; names never leave `runs_dir`."""
-    runs = Path(runs_dir).resolve()
-    if reference.startswith("run:"):
-        path = runs / check_name(reference[4:], f"model {reference}") / "final"
-        if not (path / "config.json").exists():
-            raise ConfigError(f"model {reference}: no finished training run at {path}")
-        return str(path)
-    if reference.startswith("sweep:"):
-        parts = reference.split(":")
-        if len(parts) != 3 or parts[2] != "best":
-            raise ConfigError(f"model {reference}: expected sweep:<sweep name>:best")
-        best = runs / "sweeps" / check_name(parts[1], f"model {reference}") / "best.json"
-        if not best.exists():
-            raise ConfigError(f"model {reference}: no finished sweep at {best.parent}")
-        return json.loads(best.read_text())["final_model"]
-    path = local_or_hub(reference)
-    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
-        raise ConfigError(f"model {reference}: {path} is not a Hugging Face model directory (no config.json)")
-    return path
+    """A model reference as a loadable path or hub id (see `harness.store.model_path`)."""
+    return model_path(reference, runs_dir)
 
 
 def _model_stamp(path: str) -> str:
@@ -261,7 +244,7 @@ class AgentPredictor:
 def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Path):
     """The split's tasks (the first `max_tasks` by task_id), materialized in parts, and their ids."""
     tasks = load_dataset(
-        Path(cfg.data).resolve(),
+        local_path(cfg.data, "data"),
         taxonomy,
         skip_bad_rows=cfg.skip_bad_rows,
         rejects_path=out / "rejects.jsonl",
@@ -311,7 +294,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     taxonomy = load_taxonomy(cfg.taxonomy)
     dataset_id = fingerprint(cfg.data)
     agents = resolve_agents(cfg, dataset_id, taxonomy)
-    out = Path(cfg.output_dir).resolve()
+    out = local_path(cfg.output_dir, "output_dir")
     stores = {a.spec.name: PredictionStore(out, a.key) for a in agents}
     if not ray.is_initialized():
         ray.init()

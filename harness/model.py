@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import store
 from harness.bench.io import load_tasks
 from harness.errors import ConfigError
 
@@ -77,15 +78,17 @@ class LoraSettings:
 
 
 def models_dir() -> Path:
-    """Where named models live (packaged imports, the tiny model): `$HARNESS_MODELS_DIR`, else `artifacts/models`."""
-    return Path(os.environ.get("HARNESS_MODELS_DIR", "artifacts/models"))
+    """Where named models live (packaged imports, the tiny model): `$HARNESS_MODELS_DIR`, else `artifacts/models`,
+    under the storage root (see `harness.store`)."""
+    return Path(store.resolve(os.environ.get("HARNESS_MODELS_DIR", "artifacts/models")))
 
 
 def local_or_hub(name_or_path: str) -> str:
     """Resolve a model reference, in this order: a packaged model's name (`smollm2`), imported into `models_dir()`
     on first use; a model named in `models_dir()` (`tiny-qwen2`, from `harness model make-tiny`); an existing local
-    directory, made absolute; otherwise a hub id (`org/name`), checked for shape. A name wins over a directory of
-    the same name in the current directory (write `./smollm2` for that)."""
+    directory (relative to the storage root), made absolute; otherwise a hub id (`org/name`). A reference that can
+    only be local (`artifacts/x`, `./x`, `a/b/c`, a bare name) and is missing is refused, never looked up on a hub.
+    A name wins over a directory of the same name in the current directory (write `./smollm2` for that)."""
     named = models_dir() / name_or_path
     if name_or_path in PACKAGED_MODELS:
         if not (named / "config.json").exists():
@@ -94,13 +97,14 @@ def local_or_hub(name_or_path: str) -> str:
         return str(named.resolve())
     if "/" not in name_or_path and (named / "config.json").exists():
         return str(named.resolve())
-    path = Path(name_or_path).expanduser()
+    path = Path(store.resolve(name_or_path))
     if path.exists():
-        return str(path.resolve())
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        return str(path)
+    if store.looks_local(name_or_path):
         raise ConfigError(
-            f"model.name_or_path: {name_or_path} is neither a model in {models_dir()}, an existing directory nor "
-            f"a hub id like org/name (run `harness model make-tiny` for {TINY_MODEL}; packaged models: "
+            f"model.name_or_path: {name_or_path} is neither a model in {models_dir()}, an existing directory "
+            f"({path}: relative paths resolve against ${store.ROOT_ENV}, else the current directory) nor a hub id "
+            f"like org/name (run `harness model make-tiny` for {TINY_MODEL}; packaged models: "
             f"{', '.join(PACKAGED_MODELS)})"
         )
     return name_or_path

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness import store
 from harness.config import build, get_dotted, set_dotted, to_dict
 from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
@@ -72,7 +73,7 @@ class SweepConfig:
 
     @property
     def directory(self) -> Path:
-        return Path(self.runs_dir).resolve() / "sweeps" / self.name
+        return store.sweep_dir(self.runs_dir, self.name)
 
 
 def _bound(value: object, integer: bool) -> int | float | None:

@@ -1,11 +1,14 @@
-"""Ray job entrypoint: `harness sweep` for `ray job submit --working-dir . -- python jobs/sweep.py ARGS`."""
+"""Ray job entrypoint of `harness sweep`: `ray job submit --working-dir . -- python jobs/sweep.py [--root DIR] ARGS`.
+
+Relative paths of the config resolve against `--root` (see `harness.store`), not against the job's copy of the code.
+"""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
 
-from harness.cli import run
+from harness.store import job_main
 
 if __name__ == "__main__":
-    sys.exit(run(["sweep", *sys.argv[1:]]))
+    sys.exit(job_main("sweep", sys.argv[1:]))

@@ -1,6 +1,10 @@
-"""`ray job submit` against a real local Ray cluster that this test starts and stops."""
+"""The README's `ray job submit` commands, run verbatim against a real local Ray cluster that this test starts
+(token auth on, in an empty HOME) in a copy of the repository holding what `make demo` leaves behind."""
 
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,10 +17,29 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+
+from harness.bench.taxonomy import load_taxonomy
+from harness.model import add_behavior_tokens
+from harness.tokens import TokenDesign
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NOT_UPLOADED = (".git", ".venv", "artifacts", "results", "__pycache__", ".pytest_cache", ".ruff_cache")
+
+
+def readme_submits() -> dict[str, str]:
+    """The `ray job submit` lines of the README's local recipe, by entrypoint script."""
+    section = (REPO / "README.md").read_text().split("## Ray jobs and clusters", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("ray job submit")]
+    return {re.search(r"jobs/(\w+)\.py", line).group(1): line for line in lines}
+
+
+def test_the_readme_submits_evaluate_train_and_pipeline_with_a_root():
+    submits = readme_submits()
+    assert set(submits) == {"evaluate", "train", "pipeline"}
+    assert all('--root "$PWD"' in line and "--working-dir ." in line for line in submits.values())
 
 
 def _free_port() -> int:
@@ -25,81 +48,75 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path, no_suite_ray):
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    # Free ports everywhere Ray has a fixed default: another Ray instance (the suite's) may be running.
-    gcs, dashboard, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
+def _demo_state(repo: Path, sample: Path, tiny_model: Path) -> None:
+    """What `make demo` leaves under artifacts/ before training: the data, the tiny model and the sweep's
+    best trial (a model with the winning token design: the train config's own)."""
+    (repo / "artifacts" / "data").mkdir(parents=True)
+    shutil.copy(sample, repo / "artifacts" / "data" / "tasks.jsonl")
+    shutil.copytree(tiny_model, repo / "artifacts" / "tiny-qwen2")
+    sweep = repo / "artifacts" / "runs" / "sweeps" / "token-designs"
+    design = TokenDesign(granularity="behavior", spelling="special", placement="assistant", init="phrase")
+    final = add_behavior_tokens(tiny_model, sweep / "trials" / "t0" / "final", design, load_taxonomy())
+    best = {"trial_id": "t0", "design": design.name, "learning_rate": 0.003, "dev_macro_f1": 0.5}
+    (sweep / "best.json").write_text(json.dumps({**best, "final_model": str(final)}))
+
+
+def test_readme_ray_job_submit_commands_run_verbatim(sample, tiny_model, tmp_path, no_suite_ray):
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*NOT_UPLOADED))
+    _demo_state(repo, sample, tiny_model)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HARNESS_"))}
+    env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token")
+    # The README's recipe: a token where the cluster starts (a fresh HOME has none), then `ray start --head`;
+    # free ports everywhere Ray has a fixed default, since another Ray instance may be running.
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    dashboard = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob")  # short: Ray's socket paths have a length limit
+    ports = [f"--port={_free_port()}", f"--dashboard-port={dashboard}"]
+    ports += [f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
     head = subprocess.Popen(
-        [
-            str(bin_dir / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            f"--dashboard-port={dashboard}",
-            f"--dashboard-agent-listen-port={agent}",
-            f"--ray-client-server-port={client}",
-            "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true",
-            "--num-cpus=2",
-            f"--temp-dir={temp_dir}",
-        ],
+        [str(BIN / "ray"), "start", "--head", "--block", *ports, "--num-cpus=2", f"--temp-dir={temp_dir}"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dashboard}"
+    env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 90
         while True:
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                urllib.request.urlopen(f"{env['RAY_ADDRESS']}/api/version", timeout=2)
                 break
             except urllib.error.HTTPError:
                 break  # it answers (401 without a token: authentication is on)
             except OSError:
                 assert time.time() < deadline and head.poll() is None, "the local Ray cluster did not start"
                 time.sleep(1)
-        config = tmp_path / "eval.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "data": str(sample),
-                    "split": "test",
-                    "max_tasks": 16,
-                    "part_size": 8,
-                    "max_new_tokens": 4,
-                    "bootstrap": 50,
-                    "output_dir": str(tmp_path / "eval"),
-                    "leaderboard": str(tmp_path / "lb.parquet"),
-                    "agents": [{"name": "zero-shot", "model": str(tiny_model), "mode": "zero_shot", "num_cpus": 0.5}],
-                }
-            )
-        )
-        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--"]
-        submit += ["python", "jobs/evaluate.py", "--config", str(config)]
-        deadline = time.time() + 180
-        while True:  # the dashboard answers before the node's job agent is ready: Ray says to retry
-            run = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in run.stdout + run.stderr or time.time() > deadline:
-                break
-            time.sleep(3)
-        agent_log = Path(temp_dir, "session_latest", "logs", "dashboard_agent.log")
-        agent_tail = agent_log.read_text()[-3000:] if agent_log.exists() else "(no dashboard_agent.log)"
-        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:] + agent_tail
-        assert "succeeded" in run.stdout + run.stderr
-        predictions = list((tmp_path / "eval").glob("zero-shot-*.parquet"))
-        assert len(predictions) == 1 and len(pd.read_parquet(predictions[0])) == 16
-        board = pd.read_parquet(tmp_path / "lb.parquet")
-        assert set(board.agent) == {"zero-shot"}
+        submits = readme_submits()
+        for script in ("train", "pipeline", "evaluate"):  # the pipeline trains sft-tiny, which evaluate names
+            deadline = time.time() + 180
+            while True:  # the dashboard answers before the node's job agent is ready: Ray says to retry
+                run = subprocess.run(
+                    ["bash", "-c", submits[script]], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+                )
+                if "No available agent" not in run.stdout + run.stderr or time.time() > deadline:
+                    break
+                time.sleep(3)
+            assert run.returncode == 0, f"{script}: " + run.stdout[-4000:] + run.stderr[-4000:]
+            assert "succeeded" in run.stdout + run.stderr
+
+        runs = repo / "artifacts" / "runs"
+        for name in ("behaviorsft-tiny", "sft-tiny"):
+            assert (runs / name / "final" / "config.json").exists()
+        board = pd.read_parquet(repo / "results" / "leaderboard.parquet")
+        assert set(board.agent) == {"zero-shot", "instructed", "sft", "behaviorsft"}
+        assert len(list((repo / "artifacts" / "eval").glob("*.parquet"))) >= 4
 
         denied = subprocess.run(
-            [str(bin_dir / "ray"), "job", "list", "--address", address],
-            cwd=REPO,
+            [str(BIN / "ray"), "job", "list"],
             env={**env, "RAY_AUTH_MODE": "disabled"},
             capture_output=True,
             text=True,
@@ -109,3 +126,4 @@ def test_ray_job_submit_runs_an_evaluation_job(sample, tiny_model, tmp_path, no_
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,96 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import store
+from harness.config import load
+from harness.errors import ConfigError
+from harness.evaluate import EvalConfig
+from harness.model import local_or_hub
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_relative_paths_resolve_against_the_root_and_uris_stay_uris(tmp_path, monkeypatch):
+    monkeypatch.setenv(store.ROOT_ENV, str(tmp_path))
+    assert store.resolve("artifacts/runs") == str(tmp_path / "artifacts" / "runs")
+    assert store.resolve("/abs/data.jsonl") == "/abs/data.jsonl"
+    assert store.resolve("s3://bucket/runs") == "s3://bucket/runs"
+    assert store.resolve("gs://bucket/a/../b") == "gs://bucket/a/../b"
+    monkeypatch.setenv(store.ROOT_ENV, "s3://bucket/bbench/")
+    assert store.resolve("artifacts/runs") == "s3://bucket/bbench/artifacts/runs"
+    assert store.resolve("/mnt/nfs/data") == "/mnt/nfs/data"
+    monkeypatch.delenv(store.ROOT_ENV)
+    monkeypatch.chdir(tmp_path)
+    assert store.resolve("results/lb.parquet") == str(tmp_path / "results" / "lb.parquet")
+
+
+def test_rooted_resolves_every_path_key_of_a_config_and_leaves_model_references(tmp_path, monkeypatch):
+    monkeypatch.setenv(store.ROOT_ENV, str(tmp_path))
+    cfg = store.rooted(load(EvalConfig, REPO / "jobs" / "configs" / "eval.yaml", ["output_dir=s3://b/eval"]))
+    assert cfg.data == str(tmp_path / "artifacts" / "data" / "tasks.jsonl")
+    assert cfg.runs_dir == str(tmp_path / "artifacts" / "runs")
+    assert cfg.leaderboard == str(tmp_path / "results" / "leaderboard.parquet")
+    assert cfg.output_dir == "s3://b/eval"
+    assert [a.model for a in cfg.agents][:3] == ["artifacts/tiny-qwen2", "artifacts/tiny-qwen2", "run:sft-tiny"]
+
+
+def test_a_missing_local_model_is_one_line_never_a_hub_id(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.setenv(store.ROOT_ENV, str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        local_or_hub("artifacts/tiny-qwen2")  # no artifacts/ at all under the root: still a local path
+    assert "artifacts/tiny-qwen2" in str(error.value) and str(tmp_path) in str(error.value)
+    assert "\n" not in str(error.value)
+    assert local_or_hub("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    shutil.copytree(tiny_model, tmp_path / "artifacts" / "tiny-qwen2")
+    assert local_or_hub("artifacts/tiny-qwen2") == str(tmp_path / "artifacts" / "tiny-qwen2")
+    (tmp_path / "org").mkdir()
+    with pytest.raises(ConfigError):
+        local_or_hub("org/model")  # `org` is a directory under the root: a local path that is missing
+
+
+def _job(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_a_job_entrypoint_takes_the_root_and_refuses_what_is_missing_on_the_driver(tmp_path, sample):
+    (tmp_path / "artifacts" / "data").mkdir(parents=True)
+    shutil.copy(sample, tmp_path / "artifacts" / "data" / "tasks.jsonl")
+    config = REPO / "jobs" / "configs" / "eval.yaml"
+    run = _job("evaluate.py", "--root", str(tmp_path), "--config", str(config), cwd=tmp_path.parent)
+    assert run.returncode == 1
+    assert run.stderr.startswith("error: model.name_or_path: artifacts/tiny-qwen2: no such directory")
+    assert str(tmp_path / "artifacts" / "tiny-qwen2") in run.stderr and len(run.stderr.splitlines()) == 1
+    assert "Traceback" not in run.stdout + run.stderr
+
+    run = _job("evaluate.py", "--config", str(config), cwd=tmp_path.parent)  # no root: the data is not there
+    assert run.returncode == 1
+    assert f"{tmp_path.parent / 'artifacts' / 'data' / 'tasks.jsonl'}: no such file" in run.stderr
+
+    run = _job("train.py", f"--root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert run.returncode == 1 and "--root" in run.stdout and "no such directory" in run.stdout
+
+
+def test_the_leaderboard_job_reads_under_the_root(tmp_path):
+    board = tmp_path / "results" / "leaderboard.parquet"
+    run = _job("leaderboard.py", "show", "--root", str(tmp_path), cwd=REPO)
+    assert run.returncode == 1 and f"error: {board}: no leaderboard yet" in run.stderr
+
+
+def test_run_and_sweep_references_resolve_under_the_runs_root_and_never_as_a_local_uri(tmp_path, tiny_model):
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_model, runs / "r1" / "final")
+    assert store.model_path("run:r1", runs) == str(runs / "r1" / "final")
+    best = runs / "sweeps" / "s1" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text('{"final_model": "/elsewhere/final"}')
+    assert store.model_path("sweep:s1:best", runs) == "/elsewhere/final"
+    for reference, problem in (("run:../r1", "not a valid name"), ("run:r2", "no finished training run")):
+        with pytest.raises(ConfigError, match=problem):
+            store.model_path(reference, runs)
+    with pytest.raises(ConfigError, match="runs_dir: s3://bucket/runs: storage URIs are not supported here yet"):
+        store.model_path("run:r1", "s3://bucket/runs")
+    assert not (Path.cwd() / "s3:").exists()

@@ -124,7 +124,7 @@ def job_main(command: str, argv: list[str]) -> int:
     """A Ray job entrypoint: `harness COMMAND ARGS`, where `--root DIR` (anywhere in ARGS) sets the storage root."""
     from harness.cli import run
 
-    parser = argparse.ArgumentParser(prog=f"jobs {command}", add_help=False)
+    parser = argparse.ArgumentParser(prog=f"jobs {command}", add_help=False, allow_abbrev=False)
     parser.add_argument("--root", help="the storage root: a directory the job can reach, or a URI")
     known, rest = parser.parse_known_args(argv)
     if known.root is not None:

@@ -104,13 +104,11 @@ def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(t
     dashboard = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayauth")
     env, argv = _head_command(temp_dir, dashboard)
-    head = subprocess.Popen(
-        argv,
-        env={**base, **env, "HOME": str(node)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / "head.log"
+    with log.open("w") as output:
+        head = subprocess.Popen(
+            argv, env={**base, **env, "HOME": str(node)}, stdout=output, stderr=output, start_new_session=True
+        )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
@@ -122,7 +120,8 @@ def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(t
                 assert error.code in (401, 403)
                 break
             except OSError:
-                assert time.time() < deadline and head.poll() is None, "the head did not start"
+                started = time.time() < deadline and head.poll() is None
+                assert started, f"the head did not start: {log.read_text()[-3000:]}"
                 time.sleep(1)
 
         def jobs(home: Path, mode: str) -> subprocess.CompletedProcess:
@@ -136,6 +135,7 @@ def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(t
         allowed = jobs(laptop, "token")
         assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -22,7 +22,6 @@ from harness.bench.taxonomy import load_taxonomy
 from harness.model import add_behavior_tokens
 from harness.tokens import TokenDesign
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NOT_UPLOADED = (".git", ".venv", "artifacts", "results", "__pycache__", ".pytest_cache", ".ruff_cache")
@@ -53,14 +52,16 @@ def _demo_state(repo: Path, sample: Path, tiny_model: Path) -> None:
     best trial (a model with the winning token design: the train config's own)."""
     (repo / "artifacts" / "data").mkdir(parents=True)
     shutil.copy(sample, repo / "artifacts" / "data" / "tasks.jsonl")
-    shutil.copytree(tiny_model, repo / "artifacts" / "tiny-qwen2")
+    shutil.copytree(tiny_model, repo / "artifacts" / "models" / "tiny-qwen2")
     sweep = repo / "artifacts" / "runs" / "sweeps" / "token-designs"
     design = TokenDesign(granularity="behavior", spelling="special", placement="assistant", init="phrase")
     final = add_behavior_tokens(tiny_model, sweep / "trials" / "t0" / "final", design, load_taxonomy())
-    best = {"trial_id": "t0", "design": design.name, "learning_rate": 0.003, "dev_macro_f1": 0.5}
+    searched = {"design.spelling": "special", "learning_rate": 0.003}
+    best = {"trial_id": "t0", "design": design.name, "searched": searched, "dev_macro_f1": 0.5}
     (sweep / "best.json").write_text(json.dumps({**best, "final_model": str(final)}))
 
 
+@pytest.mark.slow
 def test_readme_ray_job_submit_commands_run_verbatim(sample, tiny_model, tmp_path, no_suite_ray):
     repo = tmp_path / "repo"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*NOT_UPLOADED))

@@ -35,7 +35,7 @@ def test_rooted_resolves_every_path_key_of_a_config_and_leaves_model_references(
     assert cfg.runs_dir == str(tmp_path / "artifacts" / "runs")
     assert cfg.leaderboard == str(tmp_path / "results" / "leaderboard.parquet")
     assert cfg.output_dir == "s3://b/eval"
-    assert [a.model for a in cfg.agents][:3] == ["artifacts/tiny-qwen2", "artifacts/tiny-qwen2", "run:sft-tiny"]
+    assert [a.model for a in cfg.agents][:3] == ["tiny-qwen2", "tiny-qwen2", "run:sft-tiny"]
 
 
 def test_a_missing_local_model_is_one_line_never_a_hub_id(tmp_path, monkeypatch, tiny_model):
@@ -62,8 +62,8 @@ def test_a_job_entrypoint_takes_the_root_and_refuses_what_is_missing_on_the_driv
     config = REPO / "jobs" / "configs" / "eval.yaml"
     run = _job("evaluate.py", "--root", str(tmp_path), "--config", str(config), cwd=tmp_path.parent)
     assert run.returncode == 1
-    assert run.stderr.startswith("error: model.name_or_path: artifacts/tiny-qwen2: no such directory")
-    assert str(tmp_path / "artifacts" / "tiny-qwen2") in run.stderr and len(run.stderr.splitlines()) == 1
+    assert run.stderr.startswith("error: model.name_or_path: tiny-qwen2 is neither a model in ")
+    assert str(tmp_path / "artifacts" / "models") in run.stderr and len(run.stderr.splitlines()) == 1
     assert "Traceback" not in run.stdout + run.stderr
 
     run = _job("evaluate.py", "--config", str(config), cwd=tmp_path.parent)  # no root: the data is not there

@@ -276,6 +276,33 @@ def leaderboard_show(
 
 
 @app.command()
+def report(
+    board: Annotated[Path, typer.Option("--leaderboard", help="The leaderboard Parquet file.")] = Path(
+        "results/leaderboard.parquet"
+    ),
+    predictions: Annotated[Path, typer.Option(help="Directory of <agent>-<run id>.parquet predictions.")] = Path(
+        "artifacts/eval"
+    ),
+    data: Annotated[
+        Path, typer.Option(help="The BehaviorBench data (file or directory) the agents were evaluated on.")
+    ] = Path("artifacts/data/tasks.jsonl"),
+    out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("results/report.html"),
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset fingerprint to report (default: the latest run's).")
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="Split to report (default: the latest run's).")] = None,
+    taxonomy: TaxonomyOption = None,
+    max_samples: Annotated[int, typer.Option(min=0, help="At most this many tasks where agents disagree.")] = 200,
+) -> None:
+    """Write one self-contained HTML page: ranking, paired comparisons, per-category chart, disagreements."""
+    from harness import report as reports
+
+    page = reports.load(board, predictions, data, dataset=dataset, split=split, taxonomy=taxonomy)
+    reports.write(page, out, max_samples)
+    console.print(f"wrote {out} ({len(page.ranking)} agents)", highlight=False)
+
+
+@app.command()
 def demo(
     artifacts: Annotated[Path, typer.Option(help="Where data, models, runs and predictions go.")] = Path("artifacts"),
     results: Annotated[Path, typer.Option(help="Where the leaderboard is exported.")] = Path("results"),

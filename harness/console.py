@@ -39,9 +39,14 @@ def captured_output(console: Console, command: str, verbose: bool) -> Iterator[P
         console.print(f"full log: {log}", highlight=False)
         for fd in (1, 2):
             os.dup2(target, fd)
+        ray = sys.modules.get("ray")
+        started_here = ray is None or not ray.is_initialized()
         try:
             yield log
         finally:
+            ray = sys.modules.get("ray")
+            if started_here and ray is not None and ray.is_initialized():
+                ray.shutdown()  # the command's own cluster: its workers' output would reach the terminal after
             sys.stdout.flush()
             sys.stderr.flush()
             for fd, original in saved.items():

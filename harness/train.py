@@ -273,14 +273,17 @@ def evaluate_dev(module, tokenizer, cfg: TrainConfig, taxonomy: Taxonomy, dev: l
 
     device = next(module.parameters()).device
     losses, gold, pred = [], [], []
-    selector = Selector(module, tokenizer, taxonomy, cfg.mode, Strategy.BEHAVIOR_TOKEN, cfg.design)
+    selecting = cfg.mode is Mode.BEHAVIORSFT  # standard SFT has no behavior tokens: dev loss only
+    selector = (
+        Selector(module, tokenizer, taxonomy, cfg.mode, Strategy.BEHAVIOR_TOKEN, cfg.design) if selecting else None
+    )
     module.eval()
     with torch.no_grad():
         for start in range(0, len(dev), cfg.batch_size):
             chunk = dev[start : start + cfg.batch_size]
             batch = pad_batch(chunk, tokenizer.pad_token_id)
             losses.append(module(**{k: v.to(device) for k, v in batch.items()}).loss.float().item())
-            if cfg.mode is Mode.BEHAVIORSFT:
+            if selector is not None:
                 pred += [s.behavior for s in selector.select([list(r["prompt_ids"]) for r in chunk])]
                 gold += [r["gold_behavior"] for r in chunk]
     module.train()

@@ -230,16 +230,18 @@ def open_run(
 def record_evaluation(
     cfg: EvalConfig, agent: ResolvedAgent, dataset_id: str, metrics: pd.DataFrame, predictions: Path
 ) -> None:
-    """Write `<key>.record.json` beside an agent's final predictions and track the evaluation: one run per
+    """Write `<key>.record.json` beside an agent's final predictions (once) and track the evaluation: one run per
     agent run id in experiment "eval", with its params, its leaderboard metrics (`<subset>/<slice>/<metric>`
     and their `.ci_low`/`.ci_high`) and the predictions file as an artifact."""
     from harness.config import to_dict
     from harness.run_record import run_record, save_record
 
-    spec = agent.spec
-    # The bootstrap seed is harness.metrics.score_agents' default, which evaluate() uses.
-    record = run_record({"batch_size": spec.batch_size, "part_size": cfg.part_size}, {"bootstrap": 0})
-    save_record(predictions.with_name(f"{agent.key}.record.json"), record)
+    spec, record_file = agent.spec, predictions.with_name(f"{agent.key}.record.json")
+    if record_file.exists():  # predictions made by an earlier job: its record describes them
+        record = json.loads(record_file.read_text())
+    else:  # the bootstrap seed is harness.metrics.score_agents' default, which evaluate() uses
+        record = run_record({"batch_size": spec.batch_size, "part_size": cfg.part_size}, {"bootstrap": 0})
+        save_record(record_file, record)
     params = {
         "agent": to_dict(spec),
         "model_path": agent.model_path,

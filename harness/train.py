@@ -137,6 +137,8 @@ class BehaviorSFTRecipe:
         if cfg.lora.enabled:
             model = wrap_lora(model, cfg.lora, new_rows)
         self.parameters = sum(p.numel() for p in model.parameters())  # frozen ones too (see _window_metrics)
+        if self.rank == 0:  # before deepspeed.initialize, whose broadcast lines the workers up again after it
+            self.tracker = self._open_tracking()
         total_steps = self.steps_per_epoch * cfg.epochs // cfg.gradient_accumulation
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -147,8 +149,6 @@ class BehaviorSFTRecipe:
         self.peak_flops = peak * self.world if peak else None
         self.dev = list(ray.train.get_dataset_shard("dev").iter_rows())[: cfg.eval_max_tasks]
         self.shard = ray.train.get_dataset_shard("train")
-        if self.rank == 0:
-            self.tracker = self._open_tracking()
         self.resume()
 
     def _open_tracking(self) -> Tracker:

@@ -31,6 +31,7 @@ from harness.predictions import PredictionStore
 from harness.selection import Mode, Selector, Strategy, encode_prompt, parse_mode, parse_strategy
 from harness.store import local_path, model_path
 from harness.tokens import TokenDesign
+from harness.tracking import TrackingSettings, record_evaluation
 
 BATCH_TRIES = 2  # tries of one model batch before its tasks are reported as failed
 
@@ -80,6 +81,7 @@ class EvalConfig:
     max_prompt_tokens: int = 1024
     bootstrap: int = 1000
     part_size: int = 256  # tasks per Ray Data batch and per prediction part: what a killed job keeps
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # its experiment defaults to eval
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.agents]
@@ -353,4 +355,6 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
             )
         )
     table = pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(columns=leaderboard.COLUMNS)
+    for agent in finished:
+        record_evaluation(cfg, agent, dataset_id, scored[agent.spec.name], stores[agent.spec.name].final)
     return EvalResult(table, list(failures.values()))

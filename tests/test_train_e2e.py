@@ -20,6 +20,18 @@ from harness.train import TrainConfig, train
 pytestmark = pytest.mark.slow
 
 
+def _mlflow_run(mlruns: Path, name: str):
+    """A client of the MLflow file store `mlruns` and the one run named `name` in its experiment "train"."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlruns.as_uri())
+    experiment = client.get_experiment_by_name("train")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
+    assert len(runs) == 1, [r.info for r in runs]
+    return client, runs[0]
+
+
 def _overrides(sample: Path, tiny_model: Path, storage: Path, name: str) -> list[str]:
     return [
         f"run_name={name}",
@@ -36,11 +48,23 @@ def _overrides(sample: Path, tiny_model: Path, storage: Path, name: str) -> list
 
 def test_two_worker_zero2_run_lowers_loss(sample, tiny_model, tmp_path, ray_local):
     extra = ["num_workers=2", "deepspeed.zero_stage=2", "epochs=3", "learning_rate=0.003"]
-    cfg = config.load(TrainConfig, None, _overrides(sample, tiny_model, tmp_path, "zero2") + extra)
+    cfg = config.load(TrainConfig, None, _overrides(sample, tiny_model, tmp_path / "runs", "zero2") + extra)
     result = train(cfg)
     metrics = result.metrics
     assert metrics["completed"] and metrics["dev_loss"] < 0.6 * metrics["initial_dev_loss"], metrics
     assert (result.final_model / "model.safetensors").exists()
+    parameters = sum(p.numel() for p in load_model(ModelSettings(str(result.final_model))).parameters())
+    assert metrics["achieved_flops_per_s"] == pytest.approx(6 * parameters * metrics["tokens_per_s"])
+    assert "mfu" not in metrics  # no peak FLOP/s on CPU
+    record = json.loads((result.run_dir / "run_record.json").read_text())
+    assert record["batch"]["global_batch_size"] == 32 and record["seeds"] == {"seed": 0}
+
+    client, run = _mlflow_run(tmp_path / "mlruns", "zero2")  # the default store: mlruns beside the runs root
+    assert run.info.status == "FINISHED" and run.data.tags["final_model"] == str(result.final_model)
+    assert (run.data.params["design.name"], run.data.params["num_workers"]) == (cfg.design.name, "2")
+    loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(loss_steps) >= 3 and sorted(loss_steps) == loss_steps and loss_steps[-1] == metrics["step"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"final_metrics.json", "run_record.json"}
     assert TokenDesign.load(result.final_model) == cfg.design
     tokenizer = load_tokenizer(str(result.final_model))
     assert tokenizer.convert_tokens_to_ids("<behavior:proactive>") == len(tokenizer) - 1
@@ -52,7 +76,7 @@ def test_killed_lora_run_resumes_and_its_adapter_reloads(sample, tiny_model, tmp
         "-m",
         "harness.cli",
         "train",
-        *_overrides(sample, tiny_model, tmp_path, "resume"),
+        *_overrides(sample, tiny_model, tmp_path / "runs", "resume"),
         "num_workers=1",
         "deepspeed.zero_stage=1",
         "epochs=2",
@@ -61,7 +85,7 @@ def test_killed_lora_run_resumes_and_its_adapter_reloads(sample, tiny_model, tmp
         "lora.enabled=true",
         "learning_rate=0.01",
     ]
-    run_dir = tmp_path / "resume"
+    run_dir = tmp_path / "runs" / "resume"
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while not list(run_dir.glob("checkpoint_*/model/adapter_config.json")) and time.time() < deadline:
@@ -80,6 +104,11 @@ def test_killed_lora_run_resumes_and_its_adapter_reloads(sample, tiny_model, tmp
     rows = sum(1 for line in sample.read_text().splitlines() if '"split": "train"' in line)
     assert metrics["completed"] and metrics["step"] == 2 * -(-rows // 16)
     assert metrics["dev_loss"] < metrics["initial_dev_loss"]
+    client, run = _mlflow_run(tmp_path / "mlruns", "resume")  # one run: the resumed run continued the killed one's
+    assert run.info.run_id == json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    assert run.info.status == "FINISHED"
+    dev_steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev_loss")]
+    assert min(dev_steps) <= resumed_at < max(dev_steps) == metrics["step"], dev_steps
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,112 @@
+"""Training data: validated tasks tokenized with Ray Data, and length-bucketed padded batches of a worker's shard."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from harness.bench.io import load_dataset
+from harness.bench.taxonomy import load_taxonomy
+from harness.config import build, to_dict
+from harness.errors import ConfigError
+from harness.model import load_tokenizer
+from harness.prompts import encode_example, target_text
+from harness.selection import DEFAULT_STRATEGY, Mode, agent_prompt, encode_prompt
+from harness.train_config import TrainConfig
+
+BUCKET_BATCHES = 16  # length-bucketing window, in batches
+# CPU share of each data-preparation task and actor: light work, and concurrent sweep trials
+# must not deadlock with each one holding a whole core for its read while waiting for its encoder.
+PREP_CPUS = 0.25
+
+
+class Encode:
+    """Ray Data callable: task rows -> tokenized training examples (prompt masked) or eval prompts."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = build(TrainConfig, cfg)
+        self.taxonomy = load_taxonomy(self.cfg.taxonomy)
+        self.tokenizer = load_tokenizer(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code)
+        self.cfg.design.add_to_tokenizer(self.tokenizer, self.taxonomy)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        cfg, out = self.cfg, {"input_ids": [], "labels": [], "prompt_ids": [], "gold_behavior": []}
+        design = cfg.design if cfg.mode is Mode.BEHAVIORSFT else None
+        strategy = DEFAULT_STRATEGY[cfg.mode]
+        for i in range(len(batch["task_id"])):
+            row = {k: batch[k][i] for k in ("messages", "category", "gold_behavior", "reference")}
+            prompt = agent_prompt(self.tokenizer, list(row["messages"]), cfg.mode, strategy, design, self.taxonomy)
+            example = encode_example(self.tokenizer, prompt, target_text(row, design, self.taxonomy), cfg.max_length)
+            out["input_ids"].append(example["input_ids"])
+            out["labels"].append(example["labels"])
+            out["prompt_ids"].append(encode_prompt(self.tokenizer, prompt, cfg.max_length))  # as evaluation encodes
+            out["gold_behavior"].append(row["gold_behavior"])
+        return out
+
+
+def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
+    """Validated, tokenized train and dev datasets (materialized) and the train row count."""
+    from ray.data import ActorPoolStrategy
+
+    tasks = load_dataset(
+        cfg.data,
+        load_taxonomy(cfg.taxonomy),
+        skip_bad_rows=cfg.skip_bad_rows,
+        rejects_path=cfg.run_dir / "rejects.jsonl",
+        clean_dir=cfg.run_dir,
+        num_cpus=PREP_CPUS,
+    )
+    encode = {
+        "fn_constructor_kwargs": {"cfg": to_dict(cfg)},
+        "compute": ActorPoolStrategy(size=1),
+        "batch_size": 64,
+        "num_cpus": PREP_CPUS,
+    }
+    train = tasks.filter(lambda row: row["split"] == "train", num_cpus=PREP_CPUS)
+    if cfg.max_train_tasks:
+        train = train.limit(cfg.max_train_tasks)
+    dev = tasks.filter(lambda row: row["split"] == "dev", num_cpus=PREP_CPUS).limit(cfg.eval_max_tasks)
+    train = train.map_batches(Encode, **encode).materialize()
+    dev = dev.map_batches(Encode, **encode).materialize()
+    rows = train.count()
+    if rows < cfg.num_workers:
+        raise ConfigError(f"{cfg.data}: {rows} train task(s) for {cfg.num_workers} workers")
+    return {"train": train, "dev": dev}, rows
+
+
+def batches_per_epoch(rows_per_worker: int, batch_size: int) -> int:
+    """Micro-batches one worker sees per epoch with length bucketing (see `bucketed_batches`)."""
+    window = batch_size * BUCKET_BATCHES
+    full, rest = divmod(rows_per_worker, window)
+    return full * BUCKET_BATCHES + math.ceil(rest / batch_size)
+
+
+def pad_batch(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded input_ids, attention_mask and labels (-100 on padding) for encoded examples."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.as_tensor(example["input_ids"])
+        labels[row, :n] = torch.as_tensor(example["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def bucketed_batches(shard: Any, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Padded batches from a Ray Data shard: sort a window of rows by length, shuffle the batches."""
+    import numpy as np
+
+    rng = random.Random(seed)
+    for window in shard.iter_batches(batch_size=batch_size * BUCKET_BATCHES, batch_format="numpy"):
+        order = np.argsort([len(x) for x in window["input_ids"]], kind="stable")
+        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        rng.shuffle(groups)
+        for group in groups:
+            yield pad_batch([{k: window[k][i] for k in ("input_ids", "labels")} for i in group], pad_id)

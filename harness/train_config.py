@@ -1,0 +1,135 @@
+"""The training config: `TrainConfig` with its DeepSpeed and tracking sections, and the DeepSpeed config it makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from harness.model import LoraSettings, ModelSettings, local_or_hub
+from harness.names import name_problem
+from harness.selection import Mode, parse_mode
+from harness.tokens import TokenDesign
+from harness.tracking import TrackingSettings, flatten
+
+TRAIN_MODES = (Mode.BEHAVIORSFT, Mode.SFT)
+# Sections and keys that change how a run executes, where it is kept or where it is tracked, not what it
+# learns: a finished run is reused when every other key matches.
+RUNTIME_KEYS = ("storage_path", "max_failures", "keep_checkpoints", "log_every", "resources_per_worker", "tracking")
+CONFIG_FILE = "train_config.yaml"
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: int = 2
+    offload_optimizer: str | None = None  # "cpu" or "nvme" (ZeRO-Offload)
+    offload_param: str | None = None  # "cpu" or "nvme" (ZeRO-3 only)
+    config: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed keys, merged last
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "behaviorsft-tiny"
+    mode: Mode = Mode.BEHAVIORSFT
+    data: str = "artifacts/data/tasks.jsonl"
+    taxonomy: str | None = None
+    skip_bad_rows: bool = False
+    model: ModelSettings = field(default_factory=ModelSettings)
+    design: TokenDesign = field(default_factory=TokenDesign)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    epochs: int = 3
+    batch_size: int = 8  # per worker, per micro-step
+    gradient_accumulation: int = 1
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    behavior_loss_weight: float = 1.0  # loss weight of each answer's first token (the behavior token); 1: plain mean
+    max_length: int = 512
+    max_train_tasks: int | None = None
+    eval_max_tasks: int = 256
+    log_every: int = 10
+    checkpoint_every: int = 0  # micro-steps between checkpoints; 0: at the end of each epoch
+    keep_checkpoints: int = 2
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    storage_path: str = "artifacts/runs"
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        problem = name_problem(self.run_name)
+        if problem:
+            raise ValueError(f"run_name: {problem}")
+        self.mode = parse_mode(self.mode, "mode")
+        if self.mode not in TRAIN_MODES:
+            raise ValueError(f"mode: {self.mode.value!r} is not one of {[m.value for m in TRAIN_MODES]}")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage: {self.deepspeed.zero_stage} is not 0, 1, 2 or 3")
+        for name in ("epochs", "batch_size", "gradient_accumulation", "num_workers", "max_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        if self.behavior_loss_weight <= 0:
+            raise ValueError(f"behavior_loss_weight: must be > 0, got {self.behavior_loss_weight}")
+
+    def resolved(self) -> TrainConfig:
+        """This config with local paths made absolute (Ray workers run in another directory)."""
+        return replace(
+            self,
+            data=str(Path(self.data).resolve()),
+            taxonomy=str(Path(self.taxonomy).resolve()) if self.taxonomy else None,
+            storage_path=str(Path(self.storage_path).resolve()),
+            model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path)),
+            tracking=self.tracking.resolved(self.storage_path),
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path).resolve() / self.run_name
+
+
+def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between a run's saved config and `current`, runtime keys aside."""
+    old, new = flatten(saved), flatten(current)
+    return sorted(
+        k for k in old.keys() | new.keys() if k.split(".")[0] not in RUNTIME_KEYS and old.get(k) != new.get(k)
+    )
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
+    """The DeepSpeed config: ZeRO stage and offload, AdamW, warmup-decay schedule, bf16 on GPU."""
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer}
+    if cfg.deepspeed.offload_param:
+        zero["offload_param"] = {"device": cfg.deepspeed.offload_param}
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation,
+        "train_batch_size": cfg.batch_size * cfg.gradient_accumulation * world_size,
+        "gradient_clipping": 1.0,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.learning_rate,
+                "warmup_num_steps": warmup,
+                "total_num_steps": max(total_steps, warmup + 1),
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.use_gpu and cfg.model.dtype in ("auto", "bfloat16")},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False
+    config.update(cfg.deepspeed.config)
+    return config

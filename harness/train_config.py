@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from harness import store
 from harness.model import LoraSettings, ModelSettings, local_or_hub
 from harness.names import name_problem
 from harness.selection import Mode, parse_mode
@@ -78,16 +79,16 @@ class TrainConfig:
         """This config with local paths made absolute (Ray workers run in another directory)."""
         return replace(
             self,
-            data=str(Path(self.data).resolve()),
-            taxonomy=str(Path(self.taxonomy).resolve()) if self.taxonomy else None,
-            storage_path=str(Path(self.storage_path).resolve()),
+            data=store.resolve(self.data),
+            taxonomy=store.resolve(self.taxonomy) if self.taxonomy else None,
+            storage_path=store.resolve(self.storage_path),
             model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path)),
             tracking=self.tracking.resolved(self.storage_path),
         )
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.storage_path).resolve() / self.run_name
+        return store.run_dir(self.storage_path, self.run_name)
 
 
 def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from benchmarks.run import PeakMemory
+from benchmarks.memory import PeakMemory
 from harness.bench import load_tasks, load_taxonomy
 from harness.config import build
 from harness.evaluate import EvalConfig, evaluate

@@ -1,6 +1,6 @@
 """Benchmarks, measured side by side in one run; results as a Markdown table.
 
-    python -m benchmarks.run [--out benchmarks/results.md] [--sizes 1000,10000,100000]
+    python -m benchmarks.run [--out benchmarks/results.md] [--sizes 1000,10000,100000] [--smollm2]
 
 1. Evaluation throughput (tasks/s) of the harness (Ray Data, behavior-token scoring) at 1 and 2
    replicas, against a plain sequential transformers loop doing the same scoring on the same model
@@ -8,18 +8,18 @@
 2. Training throughput (tokens/s) of Ray Train + DeepSpeed against a plain single-process PyTorch
    loop on the same model and examples.
 3. Evaluation time and peak memory (driver + Ray workers) as the streamed rows and agents grow.
+4. lm-evaluation-harness itself against `harness eval` (benchmarks/lm_eval_compare.py; the `bench` extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
+from benchmarks import lm_eval_compare
+from benchmarks.memory import PeakMemory
 from harness.bench import load_tasks, load_taxonomy
 from harness.bench.synth import write_sample
 from harness.config import build
@@ -30,32 +30,6 @@ from harness.scoring import label_scores
 from harness.selection import Mode, Strategy, agent_prompt
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, pad_batch, train
-
-
-class PeakMemory:
-    """Peak resident memory of this process and every Ray worker process, sampled every 0.2 s."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            total = psutil.Process().memory_info().rss
-            for proc in psutil.process_iter(["cmdline", "memory_info"]):
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                if "ray::" in cmdline and proc.info["memory_info"]:
-                    total += proc.info["memory_info"].rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def plain_eval(model_dir: Path, data: Path, split: str, batch_size: int = 16) -> tuple[float, int]:
@@ -148,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results.md")
     parser.add_argument("--sizes", default="1000,10000,100000", help="rows streamed in the scaling benchmark")
+    parser.add_argument("--smollm2", action="store_true", help="also compare with lm-eval on SmolLM2-135M")
     args = parser.parse_args()
     import ray
 
@@ -225,6 +200,12 @@ def main() -> None:
         scaling(f"scaling: {agents} agent(s) x {{n}} tasks", data, f"agents-{agents}", agents=agents)
 
     lines = ["| benchmark | result | ratio |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    lines += [
+        "",
+        "## Against lm-evaluation-harness",
+        "",
+        lm_eval_compare.section(work / "lm-eval", smollm2=args.smollm2),
+    ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -11,6 +11,7 @@ An agent whose batches keep failing is reported with its root cause; the others 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import time
 import traceback
@@ -34,6 +35,7 @@ from harness.tokens import TokenDesign
 from harness.tracking import TrackingSettings, record_evaluation
 
 BATCH_TRIES = 2  # tries of one model batch before its tasks are reported as failed
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class AgentSpec:
     batch_size: int = 16
     dtype: str = "auto"
     trust_remote_code: bool = False
+    backend: str = "hf"  # hf: transformers, any strategy; vllm: harness.vllm_backend (GPU; behavior_token, choice)
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)
@@ -56,6 +59,12 @@ class AgentSpec:
             raise ValueError(f"name: {problem}")
         self.mode = parse_mode(self.mode, "mode")
         self.strategy = parse_strategy(self.strategy, self.mode, "strategy")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.backend == "vllm" and self.strategy is Strategy.GENERATE:
+            raise ValueError("backend: vllm selects with one token (behavior_token or choice); generate needs hf")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError('backend: vllm is not installed (pip install -e ".[vllm]" on a GPU node)')
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
         for key in ("replicas", "batch_size"):
@@ -310,6 +319,11 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         done = store.done_ids()
         todo = tasks if not done else tasks.filter(lambda row, done=frozenset(done): row["task_id"] not in done)
         remaining[agent.spec.name] = len(planned - done)
+        if agent.spec.backend == "vllm":
+            from harness.vllm_backend import vllm_pipeline
+
+            pipelines.append(vllm_pipeline(todo, agent, cfg))
+            continue
         pipelines.append(
             todo.map_batches(
                 AgentPredictor,

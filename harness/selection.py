@@ -94,6 +94,26 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int
     return tokenizer(text, add_special_tokens=False)["input_ids"][-max_tokens:]
 
 
+def scored_labels(
+    tokenizer: PreTrainedTokenizerBase, taxonomy: Taxonomy, strategy: Strategy, design: TokenDesign | None
+) -> tuple[list[str], list[list[int]]]:
+    """The labels a `behavior_token` or `choice` agent scores, and each label's token ids."""
+    if strategy is Strategy.BEHAVIOR_TOKEN:
+        if design is None:
+            raise ValueError("strategy behavior_token needs a token design")
+        return list(taxonomy.labels(design.granularity)), design.label_token_ids(tokenizer, taxonomy)
+    letters = choice_question(taxonomy)[1]
+    return list(letters), [tokenizer(letters[b], add_special_tokens=False)["input_ids"] for b in letters]
+
+
+def label_behavior(taxonomy: Taxonomy, strategy: Strategy, design: TokenDesign | None, label: str) -> str:
+    """The behavior a scored label stands for (choice options are behaviors)."""
+    if strategy is Strategy.BEHAVIOR_TOKEN:
+        assert design is not None
+        return taxonomy.behavior_of_label(design.granularity, label)
+    return label
+
+
 @dataclass(frozen=True)
 class Selection:
     behavior: str  # the behavior chosen
@@ -122,24 +142,11 @@ class Selector:
         # A choice prompt asks for a letter, so `choice` agents generate no answer.
         self.answers = strategy is Strategy.GENERATE or (answers and strategy is Strategy.BEHAVIOR_TOKEN)
         self.max_new_tokens = max_new_tokens
-        if strategy is Strategy.BEHAVIOR_TOKEN:
-            if self.design is None:
-                raise ValueError("strategy behavior_token needs a token design")
-            self.labels = list(taxonomy.labels(self.design.granularity))
-            self.label_ids = self.design.label_token_ids(tokenizer, taxonomy)
-        elif strategy is Strategy.CHOICE:
-            letters = choice_question(taxonomy)[1]
-            self.labels = list(letters)
-            self.label_ids = [tokenizer(letters[b], add_special_tokens=False)["input_ids"] for b in self.labels]
+        if strategy is not Strategy.GENERATE:
+            self.labels, self.label_ids = scored_labels(tokenizer, taxonomy, strategy, self.design)
 
     def prompt(self, messages: list[dict[str, Any]]) -> str:
         return agent_prompt(self.tokenizer, messages, self.mode, self.strategy, self.design, self.taxonomy)
-
-    def _behavior(self, label: str) -> str:
-        if self.strategy is Strategy.BEHAVIOR_TOKEN:
-            assert self.design is not None
-            return self.taxonomy.behavior_of_label(self.design.granularity, label)
-        return label  # choice options are behaviors
 
     def _read_answer(self, answer: str) -> tuple[str, str]:
         """(behavior, label) of a generated answer: its leading behavior token, else the answer rule."""
@@ -159,7 +166,8 @@ class Selector:
             return [Selection(*self._read_answer(a), "{}", a) for a in answers]
         scores = label_scores(self.model, prompts, self.label_ids, self.tokenizer.pad_token_id)
         chosen = [self.labels[j] for j in scores.argmax(1).tolist()]
+        behavior = {label: label_behavior(self.taxonomy, self.strategy, self.design, label) for label in self.labels}
         return [
-            Selection(self._behavior(label), label, json.dumps(dict(zip(self.labels, row, strict=True))), answer)
+            Selection(behavior[label], label, json.dumps(dict(zip(self.labels, row, strict=True))), answer)
             for label, row, answer in zip(chosen, scores.tolist(), answers, strict=True)
         ]

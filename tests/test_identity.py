@@ -1,0 +1,52 @@
+"""Identity and resume: what decides that earlier results may be reused, without Ray."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness import config
+from harness.bench import load_taxonomy
+from harness.errors import ConfigError, HarnessError
+from harness.evaluate import EvalConfig, resolve_agents
+from harness.predictions import PREDICTION_SCHEMA, PredictionStore
+from harness.train import TrainConfig, train
+from harness.train_config import CONFIG_FILE
+
+
+def test_a_trained_run_is_not_reused_or_resumed_under_another_config(sample, tiny_model, tmp_path):
+    values = {"data": str(sample), "model": {"name_or_path": str(tiny_model)}, "storage_path": str(tmp_path)}
+    cfg = config.build(TrainConfig, {**values, "run_name": "r", "learning_rate": 0.001})
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoint_epoch001_step0000004").mkdir(parents=True)  # the run has progress
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(cfg.resolved())))
+    changed = config.build(TrainConfig, {**values, "run_name": "r", "learning_rate": 0.002, "log_every": 3})
+    with pytest.raises(ConfigError, match=r"run r: .* another config \(learning_rate differ\)"):
+        train(changed)  # refused before Ray starts; log_every only changes how it runs
+
+
+def test_the_eval_run_id_covers_the_taxonomy_and_the_strategy(sample, tiny_model, tmp_path):
+    agent = {"name": "a", "model": str(tiny_model), "mode": "zero_shot"}
+    base = config.build(EvalConfig, {"data": str(sample), "agents": [agent]})
+    other_strategy = config.build(EvalConfig, {"data": str(sample), "agents": [{**agent, "strategy": "generate"}]})
+    taxonomy = tmp_path / "taxonomy.yaml"
+    taxonomy.write_text(Path(load_taxonomy().source).read_text() + "\n# a different file\n")
+    ids = [
+        resolve_agents(base, "d", load_taxonomy())[0].run_id,
+        resolve_agents(other_strategy, "d", load_taxonomy())[0].run_id,
+        resolve_agents(base, "d", load_taxonomy(taxonomy))[0].run_id,
+    ]
+    assert len(set(ids)) == 3
+    assert resolve_agents(base, "d", load_taxonomy())[0].run_id == ids[0]  # and it is stable
+
+
+def test_final_predictions_must_hold_exactly_the_planned_tasks(tmp_path):
+    store = PredictionStore(tmp_path, "a-1")
+    row = {name: "x" for name in PREDICTION_SCHEMA} | {"hard": False, "latency_ms": 1.0}
+    store.add(pd.DataFrame([{**row, "task_id": "t1"}, {**row, "task_id": "t2"}]))
+    with pytest.raises(HarnessError, match=r"1 missing, first \['t3'\]; 0 unplanned"):
+        store.finalize({"t1", "t2", "t3"})
+    assert not store.finished
+    store.finalize({"t1", "t2"})
+    assert store.finished and list(store.read().task_id) == ["t1", "t2"]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from harness import store
 from harness.files import write_text
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class TrackingSettings:
         """These settings with `uri` absolute, as the driver sees it: a path, or by default a directory beside
         `root` (the runs or evaluation output directory), becomes a `file:` URI; a server URI stays."""
         uri = self.uri or str(Path(root).resolve().parent / ("wandb" if self.backend == "wandb" else "mlruns"))
-        return replace(self, uri=uri if "://" in uri or uri.startswith("file:") else Path(uri).resolve().as_uri())
+        return replace(self, uri=uri if "://" in uri or uri.startswith("file:") else Path(store.resolve(uri)).as_uri())
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

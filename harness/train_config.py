@@ -77,13 +77,14 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """This config with local paths made absolute (Ray workers run in another directory)."""
+        storage = store.resolve(self.storage_path)
         return replace(
             self,
             data=store.resolve(self.data),
             taxonomy=store.resolve(self.taxonomy) if self.taxonomy else None,
-            storage_path=store.resolve(self.storage_path),
+            storage_path=storage,
             model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path)),
-            tracking=self.tracking.resolved(self.storage_path),
+            tracking=self.tracking.resolved(storage),  # beside the runs, under the storage root
         )
 
     @property

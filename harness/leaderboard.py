@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import html
-import subprocess
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
-import harness
 from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
 from harness.metrics import read_table
+from harness.run_record import code_version
 
 COLUMNS = [
     "run_id",
@@ -70,23 +69,6 @@ CHART_SERIES = {  # ranking column: legend label of its bar
     "proactive": "proactive: intervened when should",
     "restraint": "restraint: stayed on task",
 }
-
-
-def code_version() -> str:
-    """The git commit of the harness checkout when there is one, else the package version."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(harness.__file__).parent,
-        )
-        if sha.returncode == 0 and sha.stdout.strip():
-            return sha.stdout.strip()
-    except OSError:
-        pass
-    return harness.__version__
 
 
 def with_metadata(metrics: pd.DataFrame, **metadata: str) -> pd.DataFrame:

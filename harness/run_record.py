@@ -68,23 +68,28 @@ def hardware() -> dict[str, Any]:
     }
 
 
-def git_state() -> dict[str, Any]:
-    """The harness checkout's commit (`leaderboard.code_version`) and whether its tracked files differ from it;
-    outside a git checkout `commit` is the package version and `dirty` None."""
-    from harness.leaderboard import code_version
-
+def _git(*args: str) -> str | None:
+    """The output of `git ARGS` in the harness checkout, or None outside one (or when git fails)."""
     try:
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(harness.__file__).parent,
+        done = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(harness.__file__).parent
         )
-        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except OSError:
-        dirty = None
-    return {"commit": code_version(), "dirty": dirty}
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def code_version() -> str:
+    """The git commit of the harness checkout when there is one, else the package version."""
+    sha = (_git("rev-parse", "--short", "HEAD") or "").strip()
+    return sha or harness.__version__
+
+
+def git_state() -> dict[str, Any]:
+    """The harness checkout's commit (`code_version`) and whether its tracked files differ from it; outside a
+    git checkout `commit` is the package version and `dirty` None."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": code_version(), "dirty": None if status is None else bool(status.strip())}
 
 
 def run_record(batch: dict[str, int], seeds: dict[str, int]) -> dict[str, Any]:

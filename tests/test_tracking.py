@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 
 import harness
-from harness import config, leaderboard
+from harness import config
 from harness.errors import ConfigError
 from harness.evaluate import AgentSpec, EvalConfig, ResolvedAgent
 from harness.metrics import score
-from harness.run_record import peak_bf16_flops, run_record
+from harness.run_record import code_version, peak_bf16_flops, run_record
 from harness.tracking import NoTracker, TrackingSettings, open_run, record_evaluation
 from harness.train import TrainConfig
 from harness.train_config import differing_keys
@@ -52,7 +52,7 @@ def test_the_record_has_versions_hardware_batch_seeds_and_git_state(record):
     hardware = record["hardware"]
     assert hardware["cpu_count"] == os.cpu_count() and hardware["memory_gib"] > 0 and isinstance(hardware["gpus"], list)
     assert record["batch"] == {"batch_size": 8, "gradient_accumulation": 2} and record["seeds"] == {"seed": 3}
-    assert record["git"]["commit"] == leaderboard.code_version()
+    assert record["git"]["commit"] == code_version()
     differs = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=Path(harness.__file__).parent).returncode == 1
     assert record["git"]["dirty"] is differs
 

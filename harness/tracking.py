@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -219,12 +220,19 @@ def open_run(
     same_store = known.get("backend") == settings.backend and known.get("uri") == settings.uri
     run_id = known.get("run_id") if same_store else None
     backend = MlflowTracker if settings.backend == "mlflow" else WandbTracker
-    tracker = backend(settings.uri, settings.experiment or kind, name, run_id)
-    if tracker.run_id != run_id:
-        write_text(state, json.dumps({"backend": settings.backend, "uri": settings.uri, "run_id": tracker.run_id}))
-    tracker.log_params(params)
-    tracker.set_tags({"record": record})
-    tracker.log_json("run_record.json", record)
+    try:
+        tracker = backend(settings.uri, settings.experiment or kind, name, run_id)
+        if tracker.run_id != run_id:
+            write_text(state, json.dumps({"backend": settings.backend, "uri": settings.uri, "run_id": tracker.run_id}))
+        tracker.log_params(params)
+        tracker.set_tags({"record": record})
+        tracker.log_json("run_record.json", record)
+    except ImportError:
+        raise
+    except Exception as exc:  # a tracking store that fails must not cost the run itself: say so and go on
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        print(f"[harness] tracking off for {name}: {type(exc).__name__}: {reason}", file=sys.stderr, flush=True)
+        return NoTracker()
     return tracker
 
 

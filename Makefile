@@ -36,4 +36,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf artifacts results .pytest_cache
+	rm -rf artifacts results mlruns .pytest_cache

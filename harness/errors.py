@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 LOG_DIR_ENV = "HARNESS_LOG_DIR"
@@ -55,7 +55,7 @@ def new_log(kind: str) -> Path:
     """A new log file's path under $HARNESS_LOG_DIR (or ./artifacts/logs), which is created if needed."""
     directory = Path(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR)
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     return directory / f"{kind}-{stamp}-{os.getpid()}.log"
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from harness import store
+from harness.errors import ConfigError
 from harness.files import write_text
 
 if TYPE_CHECKING:
@@ -32,12 +33,13 @@ if TYPE_CHECKING:
 BACKENDS = ("mlflow", "wandb", "none")
 BATCH = 100  # MLflow's log_batch takes at most 100 params or tags per call
 MAX_VALUE = 6000  # MLflow's limit on the length of a param value
+ARTIFACTS = "artifacts"  # MLflow 3.17's file store takes no run under a directory of this name (ZDI-CAN-26649)
 
 
 @dataclass
 class TrackingSettings:
     backend: str = "mlflow"  # mlflow, wandb (offline runs) or none
-    uri: str | None = None  # MLflow tracking URI, or a directory; None: `mlruns` (W&B: `wandb`) beside the runs root
+    uri: str | None = None  # MLflow tracking URI, or a directory; None: `mlruns` (W&B: `wandb`), see default_store
     experiment: str | None = None  # None: the kind of run, "train" or "eval"; a sweep's trials use "sweep-<name>"
 
     def __post_init__(self) -> None:
@@ -47,10 +49,30 @@ class TrackingSettings:
             raise ValueError("backend: wandb is selected but not installed: pip install 'behaviorbench-harness[wandb]'")
 
     def resolved(self, root: str | Path) -> TrackingSettings:
-        """These settings with `uri` absolute, as the driver sees it: a path, or by default a directory beside
-        `root` (the runs or evaluation output directory), becomes a `file:` URI; a server URI stays."""
-        uri = self.uri or str(Path(root).resolve().parent / ("wandb" if self.backend == "wandb" else "mlruns"))
-        return replace(self, uri=uri if "://" in uri or uri.startswith("file:") else Path(store.resolve(uri)).as_uri())
+        """These settings with `uri` absolute, as the driver sees it: a path, or by default the directory
+        `default_store(root)`, becomes a `file:` URI; a server URI stays."""
+        uri = self.uri or str(default_store(Path(root), "wandb" if self.backend == "wandb" else "mlruns"))
+        if not ("://" in uri or uri.startswith("file:")):
+            uri = Path(store.resolve(uri)).as_uri()
+        if self.backend == "mlflow" and uri.startswith("file:") and ARTIFACTS in _local(uri).parts:
+            raise ConfigError(
+                f"tracking.uri: MLflow's file store cannot keep runs under a directory named {ARTIFACTS!r} "
+                f"({_local(uri)}); choose another directory or a tracking server"
+            )
+        return replace(self, uri=uri)
+
+
+def default_store(root: Path, name: str) -> Path:
+    """The default store `name` of runs kept in `root` (the runs or evaluation output directory): beside
+    `root`, or beside its outermost ancestor named `artifacts` (the default `artifacts/runs` puts `mlruns` at
+    the storage root), since MLflow's file store refuses a run whose path has an `artifacts` component."""
+    root = root.resolve()
+    named = [path for path in (root, *root.parents) if path.name == ARTIFACTS]
+    return (named[-1] if named else root).parent / name
+
+
+def _local(uri: str) -> Path:
+    return Path(url2pathname(urlparse(uri).path))
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -175,7 +197,7 @@ class WandbTracker:
     def __init__(self, uri: str, experiment: str, name: str, run_id: str | None):
         import wandb
 
-        directory = Path(url2pathname(urlparse(uri).path))
+        directory = _local(uri)
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=experiment, name=name, id=run_id, resume="allow", mode="offline", dir=str(directory)

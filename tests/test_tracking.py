@@ -83,6 +83,16 @@ def test_the_store_defaults_to_mlruns_beside_the_runs_root(tmp_path: Path):
     assert differing_keys(config.to_dict(TrainConfig()), config.to_dict(changed)) == []  # where it is tracked only
 
 
+def test_runs_under_a_directory_named_artifacts_are_tracked_at_the_storage_root(tmp_path: Path, record):
+    # MLflow's file store refuses any run whose path has an `artifacts` component; the default runs root is one.
+    settings = TrackingSettings().resolved(tmp_path / "artifacts" / "runs")
+    assert settings.uri == (tmp_path / "mlruns").as_uri()
+    tracker = open_run(settings, "train", "r1", tmp_path / "tracking.json", {"a": 1}, record)
+    assert tracker.run_id and _client(settings.uri).get_run(tracker.run_id).data.params == {"a": "1"}
+    with pytest.raises(ConfigError, match=r"^tracking.uri: MLflow's file store cannot keep runs under a directory"):
+        TrackingSettings(uri=str(tmp_path / "artifacts" / "mlruns")).resolved(tmp_path)
+
+
 def test_a_bad_backend_is_one_line_naming_the_key():
     with pytest.raises(ConfigError, match=r"^config: tracking: backend: 'tensorboard' is not one of"):
         config.load(TrainConfig, None, ["tracking.backend=tensorboard"])

@@ -107,7 +107,7 @@ def test_readme_ray_job_submit_commands_run_verbatim(sample, tiny_model, tmp_pat
                     break
                 time.sleep(3)
             assert run.returncode == 0, f"{script}: " + run.stdout[-4000:] + run.stderr[-4000:]
-            assert "succeeded" in run.stdout + run.stderr
+            assert "succeeded" in run.stdout + run.stderr and "tracking off" not in run.stdout + run.stderr
 
         runs = repo / "artifacts" / "runs"
         for name in ("behaviorsft-tiny", "sft-tiny"):
@@ -115,6 +115,8 @@ def test_readme_ray_job_submit_commands_run_verbatim(sample, tiny_model, tmp_pat
         board = pd.read_parquet(repo / "results" / "leaderboard.parquet")
         assert set(board.agent) == {"zero-shot", "instructed", "sft", "behaviorsft"}
         assert len(list((repo / "artifacts" / "eval").glob("*.parquet"))) >= 4
+        tracked = {path.read_text() for path in (repo / "mlruns").glob("*/*/tags/mlflow.runName")}
+        assert {"behaviorsft-tiny", "sft-tiny"} <= tracked  # MLflow's file store, at the root the jobs were given
 
         denied = subprocess.run(
             [str(BIN / "ray"), "job", "list"],

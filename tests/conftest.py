@@ -11,6 +11,13 @@ from harness.bench.synth import write_sample
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 BAD_DIR = Path(__file__).parent / "data" / "bad"
+SLOW_TEST_TIMEOUT = 900  # seconds; the slowest end-to-end test took about 6 minutes alone on 2 cores
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from harness.bench.synth import write_sample
 from harness.bench.taxonomy import load_taxonomy
 from harness.model import add_behavior_tokens
 from harness.tokens import TokenDesign
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+JOB_TASKS = 160  # 116 train, 24 dev, 20 test tasks: the README's jobs and configs on less data
 NOT_UPLOADED = (".git", ".venv", "artifacts", "results", "__pycache__", ".pytest_cache", ".ruff_cache")
 
 
@@ -47,11 +49,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _demo_state(repo: Path, sample: Path, tiny_model: Path) -> None:
+def _demo_state(repo: Path, tiny_model: Path) -> None:
     """What `make demo` leaves under artifacts/ before training: the data, the tiny model and the sweep's
     best trial (a model with the winning token design: the train config's own)."""
-    (repo / "artifacts" / "data").mkdir(parents=True)
-    shutil.copy(sample, repo / "artifacts" / "data" / "tasks.jsonl")
+    write_sample(repo / "artifacts" / "data", tasks=JOB_TASKS, seed=7)  # the suite's sample's generator, smaller
     shutil.copytree(tiny_model, repo / "artifacts" / "models" / "tiny-qwen2")
     sweep = repo / "artifacts" / "runs" / "sweeps" / "token-designs"
     design = TokenDesign(granularity="behavior", spelling="special", placement="assistant", init="phrase")
@@ -62,10 +63,10 @@ def _demo_state(repo: Path, sample: Path, tiny_model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readme_ray_job_submit_commands_run_verbatim(sample, tiny_model, tmp_path, no_suite_ray):
+def test_readme_ray_job_submit_commands_run_verbatim(tiny_model, tmp_path, no_suite_ray):
     repo = tmp_path / "repo"
     shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(*NOT_UPLOADED))
-    _demo_state(repo, sample, tiny_model)
+    _demo_state(repo, tiny_model)
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HARNESS_"))}

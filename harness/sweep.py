@@ -192,8 +192,11 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
     init_ray(cfg.train.use_gpu)
     directory = cfg.directory
     directory.mkdir(parents=True, exist_ok=True)
-    # Tune runs trials in their own directories: resolve local paths here, on the driver.
-    resolved = replace(cfg, train=replace(cfg.train.resolved(), storage_path=str(directory / "trials")))
+    # Tune runs trials in their own directories: resolve local paths here, on the driver. The trials are
+    # tracked beside them, in experiment sweep-<name> unless one is set.
+    tracking = replace(cfg.train.tracking, experiment=cfg.train.tracking.experiment or f"sweep-{cfg.name}")
+    trials = replace(cfg.train, storage_path=str(directory / "trials"), tracking=tracking)
+    resolved = replace(cfg, train=trials.resolved())
     train_values = param_space(resolved)
     trainable = tune.with_resources(run_trial, {"CPU": cfg.trial_cpus})
     experiment = directory / "tune"

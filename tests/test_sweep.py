@@ -71,6 +71,11 @@ def test_sweep_of_two_designs_with_sampled_warmups_carries_every_searched_key_in
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
     assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
     assert table.trial_id.tolist() == stored.trial_id.tolist()
+    tracked = cfg.directory / "mlruns"  # beside the trials, never in the working directory
+    names = {path.read_text() for path in tracked.glob("*/*/tags/mlflow.runName")}
+    assert names == set(stored.trial_id) and not (Path.cwd() / "mlruns").exists()
+    experiments = {path.read_text() for path in tracked.glob("*/meta.yaml")}
+    assert any("name: sweep-t" in meta for meta in experiments)
 
     again = sweep(cfg)  # a restarted sweep restores instead of training again
     assert sorted(again.trial_id) == sorted(stored.trial_id)

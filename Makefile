@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup browser demo demo-smollm2 test lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ browser:
 
 demo: setup
 	$(BIN)/harness demo
+
+# The paper's comparison on SmolLM2-135M-Instruct (imported from its PyPI package): see the README.
+demo-smollm2: setup
+	$(BIN)/harness demo --profile smollm2
 
 test: setup browser
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -158,8 +158,8 @@ def train(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
     from harness.train import train as run_training
 
     cfg = rooted(configs.load(TrainConfig, config, overrides or []))
-    with quiet("train"):
-        result = run_training(cfg)
+    with quiet("train"), progress_bars() as bars:
+        result = run_training(cfg, progress=bars.training)
     shown = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     console.print(f"final model: {result.final_model}\nmetrics: {shown}", highlight=False)
 
@@ -191,29 +191,44 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -
     from harness.evaluate import evaluate as run_evaluation
 
     cfg = rooted(configs.load(EvalConfig, config, overrides or []))
-    with quiet("eval"), progress_bars() as update:
-        result = run_evaluation(cfg, progress=update)
+    with quiet("eval"), progress_bars() as bars:
+        result = run_evaluation(cfg, progress=bars.evaluation)
     leaderboard.append(cfg.leaderboard, result.metrics)
     result.raise_failures(cfg.leaderboard)
     print_frame(leaderboard.ranking(leaderboard.read(cfg.leaderboard)), title=f"leaderboard: {cfg.leaderboard}")
 
 
+SHOWN_TRAINING = ("loss", "dev_loss", "dev_macro_f1")  # the latest report's metrics shown beside a run's bar
+
+
+class ProgressBars:
+    """Bars on the terminal: one per evaluated agent (tasks done) and one per training run (steps done, with
+    its latest loss and dev metrics)."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.bars: dict[str, int] = {}
+
+    def _bar(self, name: str, total: int) -> int:
+        if name not in self.bars:
+            self.bars[name] = self.progress.add_task(name, total=total, latest="")
+        return self.bars[name]
+
+    def evaluation(self, agent: str, done: int, total: int) -> None:
+        self.progress.advance(self._bar(agent, total), done)
+
+    def training(self, run: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        latest = "  ".join(f"{key} {metrics[key]:.3f}" for key in SHOWN_TRAINING if key in metrics)
+        self.progress.update(self._bar(run, total), completed=step, total=total, latest=latest)
+
+
 @contextmanager
 def progress_bars():
-    """A progress callback (agent, tasks just done, tasks to do) drawing one bar per agent."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bars: dict[str, int] = {}
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as progress:
-
-        def update(agent: str, done: int, total: int) -> None:
-            if agent not in bars:
-                bars[agent] = progress.add_task(agent, total=total)
-            progress.advance(bars[agent], done)
-
-        yield update
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[latest]}"))
+    with Progress(TextColumn("{task.description}"), *columns, console=console) as progress:
+        yield ProgressBars(progress)
 
 
 @app.command()
@@ -318,8 +333,8 @@ def demo(
     cfg = rooted(
         configs.build(PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile})
     )
-    with quiet("demo"), progress_bars() as update:
-        board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=update)
+    with quiet("demo"), progress_bars() as bars:
+        board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=bars)
     print_frame(leaderboard.ranking(leaderboard.read(board)), title=f"BehaviorBench-mini leaderboard ({board})")
     console.print(f"exported: {board.with_suffix('.html')}, {board.with_suffix('.md')}", highlight=False)
 

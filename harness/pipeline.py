@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from harness import config as configs
 from harness import leaderboard
@@ -79,6 +79,14 @@ def training_values(mode: Mode, run_name: str, best: dict[str, Any] | None) -> d
     return values
 
 
+class Progress(Protocol):
+    """What the pipeline reports progress to (the CLI's bars)."""
+
+    def training(self, run: str, step: int, total: int, metrics: dict[str, float]) -> None: ...
+
+    def evaluation(self, agent: str, done: int, total: int) -> None: ...
+
+
 def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[], Any]) -> Any:
     log(f"[{number}/6] {title} ...")
     began = time.perf_counter()
@@ -87,8 +95,9 @@ def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[]
     return value
 
 
-def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) -> Path:
-    """Run every step whose output is missing; return the leaderboard Parquet path."""
+def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progress | None = None) -> Path:
+    """Run every step whose output is missing; return the leaderboard Parquet path. `progress` is told of each
+    training report and of each evaluated part of the predictions."""
     from harness.bench.synth import write_sample
 
     profile = PROFILES[cfg.profile]
@@ -127,7 +136,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
         base_name = str((configs.read_yaml(path, "config") or {}).get("run_name", Mode.BEHAVIORSFT.value))
         for mode in (Mode.BEHAVIORSFT, Mode.SFT):
             run_name = base_name.replace(Mode.BEHAVIORSFT.value, mode.value, 1)
-            result = train(step_config(TrainConfig, path, {**paths, **training_values(mode, run_name, best)}))
+            values = {**paths, **training_values(mode, run_name, best)}
+            result = train(step_config(TrainConfig, path, values), progress=progress and progress.training)
             shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("dev_", "initial_dev"))}
             log(f"{mode.value}: {result.final_model} {shown}")
 
@@ -139,7 +149,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress=None) 
             "leaderboard": str(board),
         }
         eval_cfg = step_config(EvalConfig, CONFIGS / profile.eval_config, paths)
-        result = evaluate(eval_cfg, progress=progress)
+        result = evaluate(eval_cfg, progress=progress and progress.evaluation)
         leaderboard.append(board, result.metrics)
         result.raise_failures(str(board))
         return eval_cfg

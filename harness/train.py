@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,7 @@ __all__ = [  # the split-out names stay importable from here: the sweep, pipelin
     "DeepSpeedSettings",
     "Encode",
     "TrainConfig",
+    "TrainProgress",
     "TrainResult",
     "batches_per_epoch",
     "deepspeed_config",
@@ -52,6 +55,9 @@ __all__ = [  # the split-out names stay importable from here: the sweep, pipelin
 
 RECORD_FILE = "run_record.json"
 TRACKING_FILE = "tracking.json"  # the run's tracking run id: a resumed run continues that run
+PROGRESS_FILE = "progress.json"  # rank 0's latest report: the driver shows it while the run trains
+# A training progress callback: run name, optimizer steps done, steps in the run, the latest reported metrics.
+TrainProgress = Callable[[str, int, int, dict[str, float]], None]
 
 
 @dataclass
@@ -139,11 +145,11 @@ class BehaviorSFTRecipe:
         self.parameters = sum(p.numel() for p in model.parameters())  # frozen ones too (see _window_metrics)
         if self.rank == 0:  # before deepspeed.initialize, whose broadcast lines the workers up again after it
             self.tracker = self._open_tracking()
-        total_steps = self.steps_per_epoch * cfg.epochs // cfg.gradient_accumulation
+        self.total_steps = self.steps_per_epoch * cfg.epochs
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, self.world, total_steps),
+            config=deepspeed_config(cfg, self.world, self.total_steps // cfg.gradient_accumulation),
         )
         peak = peak_bf16_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
         self.peak_flops = peak * self.world if peak else None
@@ -243,6 +249,10 @@ class BehaviorSFTRecipe:
 
         # Tracked first: when a checkpoint is persisted (and a killed run can resume from it), its metrics are too.
         self.tracker.log_metrics(metrics, step=self.state["global_step"])
+        if self.rank == 0:
+            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            progress = {"step": self.state["global_step"], "total": self.total_steps, "metrics": numbers}
+            write_text(self.cfg.run_dir / PROGRESS_FILE, json.dumps(progress))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     def train(self) -> None:
@@ -329,10 +339,45 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     recipe.train()
 
 
-def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+@contextmanager
+def _watched(progress_file: Path, name: str, progress: TrainProgress | None) -> Iterator[None]:
+    """While the block runs, call `progress` with each new report rank 0 writes to `progress_file`."""
+    if progress is None:
+        yield
+        return
+    done, seen = threading.Event(), [0.0]
+
+    def poll() -> None:
+        try:
+            changed = progress_file.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if changed != seen[0]:
+            seen[0] = changed
+            report = json.loads(progress_file.read_text())
+            progress(name, report["step"], report["total"], report["metrics"])
+
+    def watch() -> None:
+        while not done.wait(2.0):
+            poll()
+
+    progress_file.unlink(missing_ok=True)  # an earlier attempt's last report is not this one's progress
+    watcher = threading.Thread(target=watch, name=f"progress-{name}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        poll()  # the final report
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgress | None = None) -> TrainResult:
     """Run (or resume) a training run; return where its final Hugging Face model is.
 
-    `callbacks` go to the run's `RunConfig` (a sweep passes Tune's report callback).
+    `callbacks` go to the run's `RunConfig` (a sweep passes Tune's report callback); `progress` is called on
+    the driver with each report of rank 0 (read from the run directory, so on a cluster it needs the shared
+    storage that `storage_path` must be there anyway).
     """
     import ray
     import ray.train
@@ -375,7 +420,8 @@ def train(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    with _watched(cfg.run_dir / PROGRESS_FILE, cfg.run_name, progress):
+        result = trainer.fit()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as directory:

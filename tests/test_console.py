@@ -37,3 +37,23 @@ def test_library_output_goes_to_the_log_and_harness_lines_to_the_terminal(tmp_pa
         assert line in logged
         assert (line in terminal) is verbose
     assert "harness progress" not in logged
+
+
+def test_progress_bars_show_training_steps_with_the_latest_metrics_and_evaluated_tasks(monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from harness import cli
+
+    out = StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=150, force_terminal=False))
+    with cli.progress_bars() as bars:
+        bars.training("behaviorsft-tiny", 4, 12, {"loss": 2.5, "dev_macro_f1": 0.41, "tokens_per_s": 900.0})
+        bars.training("behaviorsft-tiny", 12, 12, {"loss": 1.25, "dev_loss": 1.5, "dev_macro_f1": 0.625})
+        bars.evaluation("zero-shot", 16, 40)
+        bars.evaluation("zero-shot", 16, 40)
+    shown = out.getvalue()
+    assert "behaviorsft-tiny" in shown and "12/12" in shown
+    assert "loss 1.250  dev_loss 1.500  dev_macro_f1 0.625" in shown
+    assert "zero-shot" in shown and "32/40" in shown and "tokens_per_s" not in shown

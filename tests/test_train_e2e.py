@@ -50,8 +50,12 @@ def _overrides(sample: Path, tiny_model: Path, storage: Path, name: str) -> list
 def test_two_worker_zero2_run_lowers_loss(sample, tiny_model, tmp_path, ray_local):
     extra = ["num_workers=2", "deepspeed.zero_stage=2", "epochs=3", "learning_rate=0.003"]
     cfg = config.load(TrainConfig, None, _overrides(sample, tiny_model, tmp_path / "runs", "zero2") + extra)
-    result = train(cfg)
+    reports = []  # what the driver shows while the run trains, read from rank 0's progress file
+    result = train(cfg, progress=lambda *report: reports.append(report))
     metrics = result.metrics
+    steps = [step for _, step, *_ in reports]
+    assert {run for run, *_ in reports} == {"zero2"} and steps == sorted(steps)
+    assert reports[-1][1:3] == (metrics["step"], metrics["step"]) and reports[-1][3]["loss"] == metrics["loss"]
     # 0.603 on this sample since it gained temporal_ordering and lost question_answering (was below 0.6 before)
     assert metrics["completed"] and metrics["dev_loss"] < 0.65 * metrics["initial_dev_loss"], metrics
     assert (result.final_model / "model.safetensors").exists()

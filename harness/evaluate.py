@@ -28,8 +28,16 @@ from harness.errors import ConfigError, HarnessError
 from harness.metrics import score_agents
 from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer
 from harness.names import name_problem
-from harness.predictions import PredictionStore
-from harness.selection import Mode, Selector, Strategy, encode_prompt, parse_mode, parse_strategy
+from harness.predictions import PREDICTION_SCHEMA, PredictionStore
+from harness.selection import (
+    Mode,
+    Selector,
+    Strategy,
+    chat_template_sha256,
+    encode_prompt,
+    parse_mode,
+    parse_strategy,
+)
 from harness.store import local_path, model_path
 from harness.tokens import TokenDesign
 from harness.tracking import TrackingSettings, record_evaluation
@@ -158,6 +166,7 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list
                 cfg.answers,
                 cfg.max_new_tokens,
                 cfg.max_prompt_tokens,
+                list(PREDICTION_SCHEMA),  # predictions with other columns are another run's
             ],
             sort_keys=True,
             default=str,
@@ -215,17 +224,16 @@ class AgentPredictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["task_id"])
-        out: dict[str, list] = {
-            k: [None] * n for k in ("pred_behavior", "pred_label", "scores", "answer", "latency_ms", "error")
-        }
+        produced = ("pred_behavior", "pred_label", "scores", "answer", "latency_ms", "error")
+        out: dict[str, list] = {k: [None] * n for k in (*produced, "prompt", "prompt_tokens", "chat_template_sha256")}
         if self.failure:
             out["error"] = [self.failure] * n
         else:
             tokenizer = self.selector.tokenizer
-            prompts = [
-                encode_prompt(tokenizer, self.selector.prompt(list(m)), self.cfg.max_prompt_tokens)
-                for m in batch["messages"]
-            ]
+            out["prompt"] = [self.selector.prompt(list(m)) for m in batch["messages"]]
+            prompts = [encode_prompt(tokenizer, text, self.cfg.max_prompt_tokens) for text in out["prompt"]]
+            out["prompt_tokens"] = [len(ids) for ids in prompts]
+            out["chat_template_sha256"] = [chat_template_sha256(tokenizer)] * n
             order = sorted(range(n), key=lambda i: len(prompts[i]))  # length buckets: little padding
             size = self.agent.spec.batch_size
             for start in range(0, n, size):

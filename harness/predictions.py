@@ -23,6 +23,9 @@ PREDICTION_SCHEMA = {
     "gold_behavior": "string",
     "hard": "bool",
     "strategy": "string",
+    "prompt": "string",  # the rendered prompt (chat template applied), before truncation to max_prompt_tokens
+    "prompt_tokens": "int64",  # the tokens the model saw: fewer than the prompt's when it was truncated
+    "chat_template_sha256": "string",  # of the tokenizer's chat template; "" without one
     "pred_behavior": "string",
     "pred_label": "string",
     "scores": "string",  # JSON: label -> log-probability (behavior_token and choice strategies)

@@ -12,6 +12,7 @@ Training's dev metrics, sweeps (whose objective is that dev metric) and evaluati
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from enum import Enum
@@ -87,6 +88,15 @@ def agent_prompt(
         note = design.system_note(taxonomy)
     question = choice_question(taxonomy)[0] if strategy is Strategy.CHOICE else ""
     return prompt_text(tokenizer, messages, note, question)
+
+
+def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of the tokenizer's chat template, the one that rendered its prompts ("" without one)."""
+    template = tokenizer.chat_template
+    if not template:
+        return ""
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> list[int]:

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from harness.bench.taxonomy import load_taxonomy
 from harness.errors import ConfigError
 from harness.model import load_tokenizer
-from harness.selection import Selection, Strategy, agent_prompt, encode_prompt, label_behavior, scored_labels
+from harness.selection import (
+    Selection,
+    Strategy,
+    agent_prompt,
+    chat_template_sha256,
+    encode_prompt,
+    label_behavior,
+    scored_labels,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -79,18 +87,22 @@ class PromptEncoder:
         self.tokenizer = load_tokenizer(agent.model_path, agent.spec.trust_remote_code)
         self.params, self.max_tokens, self.strategy = params, cfg.max_prompt_tokens, Strategy(agent.spec.strategy)
 
-    def _encode(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = agent_prompt(self.tokenizer, messages, self.spec.mode, self.strategy, self.design, self.taxonomy)
-        return encode_prompt(self.tokenizer, text, self.max_tokens)
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        return agent_prompt(self.tokenizer, messages, self.spec.mode, self.strategy, self.design, self.taxonomy)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["task_id"])
         columns = ("task_id", "case_id", "category", "task_type", "gold_behavior", "hard")
+        texts = [self._render(list(m)) for m in batch["messages"]]
+        tokenized = [encode_prompt(self.tokenizer, text, self.max_tokens) for text in texts]
         return {
             **{key: list(batch[key]) for key in columns},
             "agent": [self.spec.name] * n,
             "strategy": [self.strategy.value] * n,
-            "tokenized_prompt": [self._encode(list(m)) for m in batch["messages"]],
+            "prompt": texts,
+            "prompt_tokens": [len(ids) for ids in tokenized],
+            "chat_template_sha256": [chat_template_sha256(self.tokenizer)] * n,
+            "tokenized_prompt": tokenized,
             "sampling_params": [self.params] * n,
         }
 
@@ -100,6 +112,7 @@ def prediction_row(
 ) -> dict[str, Any]:
     """One engine output row as a prediction row (with `error` set when the engine or the parse failed)."""
     keep = ("task_id", "case_id", "agent", "category", "task_type", "gold_behavior", "hard", "strategy")
+    keep = (*keep, "prompt", "prompt_tokens", "chat_template_sha256")
     out = {key: row[key] for key in keep} | {"latency_ms": None, "error": row.get("__inference_error__") or ""}
     chosen = None
     if not out["error"]:

@@ -17,8 +17,9 @@ from harness import config, leaderboard
 from harness.bench import load_taxonomy
 from harness.errors import HarnessError
 from harness.evaluate import EvalConfig, evaluate
-from harness.model import add_behavior_tokens
+from harness.model import add_behavior_tokens, load_tokenizer
 from harness.predictions import PREDICTION_SCHEMA
+from harness.selection import chat_template_sha256
 from harness.tokens import TokenDesign
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
         predictions = pd.read_parquet(path)
         schema = pq.read_schema(path)
         assert schema.names == list(PREDICTION_SCHEMA)
-        types = {"string": ("string", "large_string"), "bool": ("bool",), "float64": ("double",)}
+        types = {"string": ("string", "large_string"), "bool": ("bool",), "float64": ("double",), "int64": ("int64",)}
         for name, kind in PREDICTION_SCHEMA.items():
             assert str(schema.field(name).type) in types[kind], (name, schema.field(name).type)
         assert set(predictions.task_id) == test_ids and predictions.task_id.is_unique
@@ -71,6 +72,10 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     assert set(bsft.pred_label) <= {"reactive", "proactive", "restraint"}
     assert bsft.scores.str.startswith('{"reactive"').all() and (bsft.latency_ms > 0).all()
     assert set(bsft.strategy) == {"behavior_token"} and bsft.answer.notna().all()
+    # the audit: each row's rendered prompt ends with its conversation's last turn, under the model's template
+    last_turn = tasks.set_index("task_id").messages.map(lambda messages: messages[-1]["content"])
+    assert all(last_turn[t] in p for t, p in zip(bsft.task_id, bsft.prompt, strict=True))
+    assert (bsft.prompt_tokens > 0).all() and bsft.chat_template_sha256.nunique() == 1
     zero = pd.read_parquet(next(p for p in finals if p.name.startswith("zero-shot")))
     assert set(zero.strategy) == {"choice"} and set(zero.pred_label) <= {"reactive", "proactive"}
     assert all(sorted(json.loads(s)) == ["proactive", "reactive"] for s in zero.scores)
@@ -172,5 +177,7 @@ def test_smollm2_prompt_only_agents_through_the_ray_data_path(sample, smollm2_mo
         assert all(sorted(s) == ["proactive", "reactive"] and all(v < 0 for v in s.values()) for s in scores)
         chosen = [max(s, key=s.get) for s in scores]
         assert chosen == list(frame.pred_behavior)
+        assert frame.prompt.str.startswith("<|im_start|>system").all()  # SmolLM2's own chat template
+        assert set(frame.chat_template_sha256) == {chat_template_sha256(load_tokenizer(str(smollm2_model)))}
     # the instructions change what the model sees, so its scores move
     assert list(frames["zero"].scores) != list(frames["instructed"].scores)

@@ -43,7 +43,7 @@ def test_the_eval_run_id_covers_the_taxonomy_and_the_strategy(sample, tiny_model
 
 def test_final_predictions_must_hold_exactly_the_planned_tasks(tmp_path):
     store = PredictionStore(tmp_path, "a-1")
-    row = {name: "x" for name in PREDICTION_SCHEMA} | {"hard": False, "latency_ms": 1.0}
+    row = {name: "x" for name in PREDICTION_SCHEMA} | {"hard": False, "latency_ms": 1.0, "prompt_tokens": 5}
     store.add(pd.DataFrame([{**row, "task_id": "t1"}, {**row, "task_id": "t2"}]))
     with pytest.raises(HarnessError, match=r"1 missing, first \['t3'\]; 0 unplanned"):
         store.finalize({"t1", "t2", "t3"})

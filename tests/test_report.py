@@ -39,6 +39,9 @@ def _predictions(tasks: pd.DataFrame, agent: str, accuracy: float, seed: int) ->
             scores=[json.dumps({p: -0.2, o: -1.7}) for p, o in zip(pred, unchosen, strict=True)],
             answer=f"<script>alert('{agent}')</script> Noted & done.",
             latency_ms=12.5,
+            prompt="<|im_start|>user\n...<|im_end|>",
+            prompt_tokens=240,
+            chat_template_sha256="0" * 64,
         )
     )
 

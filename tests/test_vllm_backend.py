@@ -39,10 +39,12 @@ def test_the_best_label_wins_whatever_the_key_and_record_shape():
 def test_no_label_among_the_logprobs_is_an_error_row_not_a_guess():
     row = {"task_id": "t", "case_id": "c", "agent": "a", "category": "x", "task_type": "reactive"}
     row |= {"gold_behavior": "reactive", "hard": False, "strategy": "behavior_token", "logprobs": [{"3": -0.1}]}
+    row |= {"prompt": "<|im_start|>user ...", "prompt_tokens": 3, "chat_template_sha256": "ab"}
     out = prediction_row(row, LABELS, IDS, BEHAVIORS)
     assert out["error"].startswith("ValueError: none of the label tokens") and out["pred_label"] is None
     out = prediction_row({**row, "logprobs": [{"2051": -0.1}]}, LABELS, IDS, BEHAVIORS)
     assert (out["error"], out["pred_behavior"], out["task_id"]) == ("", "proactive", "t")
+    assert (out["prompt"], out["prompt_tokens"], out["chat_template_sha256"]) == ("<|im_start|>user ...", 3, "ab")
     out = prediction_row({**row, "__inference_error__": "CUDA out of memory"}, LABELS, IDS, BEHAVIORS)
     assert out["error"] == "CUDA out of memory" and out["scores"] is None
 

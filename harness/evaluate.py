@@ -193,6 +193,7 @@ class AgentPredictor:
         self.agent, self.cfg, self.failure = agent, cfg, ""
         try:
             self.selector = self._load()
+            self.template_sha256 = chat_template_sha256(self.selector.tokenizer)
         except Exception as exc:  # reported per task by __call__, with its traceback
             self.failure = "".join(traceback.format_exception(_root_cause(exc)))
 
@@ -224,8 +225,8 @@ class AgentPredictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["task_id"])
-        produced = ("pred_behavior", "pred_label", "scores", "answer", "latency_ms", "error")
-        out: dict[str, list] = {k: [None] * n for k in (*produced, "prompt", "prompt_tokens", "chat_template_sha256")}
+        produced = ("prompt", "prompt_tokens", "chat_template_sha256", "pred_behavior", "pred_label", "scores")
+        out: dict[str, list] = {k: [None] * n for k in (*produced, "answer", "latency_ms", "error")}
         if self.failure:
             out["error"] = [self.failure] * n
         else:
@@ -233,7 +234,7 @@ class AgentPredictor:
             out["prompt"] = [self.selector.prompt(list(m)) for m in batch["messages"]]
             prompts = [encode_prompt(tokenizer, text, self.cfg.max_prompt_tokens) for text in out["prompt"]]
             out["prompt_tokens"] = [len(ids) for ids in prompts]
-            out["chat_template_sha256"] = [chat_template_sha256(tokenizer)] * n
+            out["chat_template_sha256"] = [self.template_sha256] * n
             order = sorted(range(n), key=lambda i: len(prompts[i]))  # length buckets: little padding
             size = self.agent.spec.batch_size
             for start in range(0, n, size):

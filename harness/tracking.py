@@ -54,10 +54,11 @@ class TrackingSettings:
         uri = self.uri or str(default_store(Path(root), "wandb" if self.backend == "wandb" else "mlruns"))
         if not ("://" in uri or uri.startswith("file:")):
             uri = Path(store.resolve(uri)).as_uri()
-        if self.backend == "mlflow" and uri.startswith("file:") and ARTIFACTS in _local(uri).parts:
+        local = _local(uri) if uri.startswith("file:") else None
+        if self.backend == "mlflow" and local is not None and ARTIFACTS in local.parts:
             raise ConfigError(
                 f"tracking.uri: MLflow's file store cannot keep runs under a directory named {ARTIFACTS!r} "
-                f"({_local(uri)}); choose another directory or a tracking server"
+                f"({local}); choose another directory or a tracking server"
             )
         return replace(self, uri=uri)
 

@@ -345,15 +345,16 @@ def _watched(progress_file: Path, name: str, progress: TrainProgress | None) -> 
     if progress is None:
         yield
         return
-    done, seen = threading.Event(), [0.0]
+    done, seen = threading.Event(), 0.0
 
     def poll() -> None:
+        nonlocal seen
         try:
             changed = progress_file.stat().st_mtime
         except FileNotFoundError:
             return
-        if changed != seen[0]:
-            seen[0] = changed
+        if changed != seen:
+            seen = changed
             report = json.loads(progress_file.read_text())
             progress(name, report["step"], report["total"], report["metrics"])
 

@@ -85,6 +85,7 @@ class PromptEncoder:
     def __init__(self, agent: ResolvedAgent, cfg: EvalConfig, params: dict[str, Any]):
         self.spec, self.design, self.taxonomy = agent.spec, agent.design, load_taxonomy(cfg.taxonomy)
         self.tokenizer = load_tokenizer(agent.model_path, agent.spec.trust_remote_code)
+        self.template_sha256 = chat_template_sha256(self.tokenizer)
         self.params, self.max_tokens, self.strategy = params, cfg.max_prompt_tokens, Strategy(agent.spec.strategy)
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
@@ -101,7 +102,7 @@ class PromptEncoder:
             "strategy": [self.strategy.value] * n,
             "prompt": texts,
             "prompt_tokens": [len(ids) for ids in tokenized],
-            "chat_template_sha256": [chat_template_sha256(self.tokenizer)] * n,
+            "chat_template_sha256": [self.template_sha256] * n,
             "tokenized_prompt": tokenized,
             "sampling_params": [self.params] * n,
         }
@@ -111,8 +112,10 @@ def prediction_row(
     row: dict[str, Any], labels: list[str], label_ids: list[int], behaviors: Mapping[str, str]
 ) -> dict[str, Any]:
     """One engine output row as a prediction row (with `error` set when the engine or the parse failed)."""
-    keep = ("task_id", "case_id", "agent", "category", "task_type", "gold_behavior", "hard", "strategy")
-    keep = (*keep, "prompt", "prompt_tokens", "chat_template_sha256")
+    keep = (
+        *("task_id", "case_id", "agent", "category", "task_type", "gold_behavior", "hard", "strategy"),
+        *("prompt", "prompt_tokens", "chat_template_sha256"),
+    )
     out = {key: row[key] for key in keep} | {"latency_ms": None, "error": row.get("__inference_error__") or ""}
     chosen = None
     if not out["error"]:

@@ -32,7 +32,7 @@ class Encode:
         self.cfg.design.add_to_tokenizer(self.tokenizer, self.taxonomy)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        cfg, out = self.cfg, {"input_ids": [], "labels": [], "prompt_ids": [], "gold_behavior": []}
+        cfg, out = self.cfg, {"input_ids": [], "labels": [], "prompt_ids": [], "gold_behavior": [], "split": []}
         design = cfg.design if cfg.mode is Mode.BEHAVIORSFT else None
         strategy = DEFAULT_STRATEGY[cfg.mode]
         for i in range(len(batch["task_id"])):
@@ -43,12 +43,14 @@ class Encode:
             out["labels"].append(example["labels"])
             out["prompt_ids"].append(encode_prompt(self.tokenizer, prompt, cfg.max_length))  # as evaluation encodes
             out["gold_behavior"].append(row["gold_behavior"])
+            out["split"].append(batch["split"][i])
         return out
 
 
 def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
     """Validated, tokenized train and dev datasets (materialized) and the train row count."""
     from ray.data import ActorPoolStrategy
+    from ray.data.expressions import col
 
     tasks = load_dataset(
         cfg.data,
@@ -64,12 +66,13 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
         "batch_size": 64,
         "num_cpus": PREP_CPUS,
     }
-    train = tasks.filter(lambda row: row["split"] == "train", num_cpus=PREP_CPUS)
+    train = tasks.filter(expr=col("split") == "train")
     if cfg.max_train_tasks:
         train = train.limit(cfg.max_train_tasks)
-    dev = tasks.filter(lambda row: row["split"] == "dev", num_cpus=PREP_CPUS).limit(cfg.eval_max_tasks)
-    train = train.map_batches(Encode, **encode).materialize()
-    dev = dev.map_batches(Encode, **encode).materialize()
+    dev = tasks.filter(expr=col("split") == "dev").limit(cfg.eval_max_tasks)
+    # One pass through one encoder (its start-up, a process loading the tokenizer, is most of this step's time).
+    encoded = train.union(dev).map_batches(Encode, **encode).materialize()
+    train, dev = (encoded.filter(expr=col("split") == split).materialize() for split in ("train", "dev"))
     rows = train.count()
     if rows < cfg.num_workers:
         raise ConfigError(f"{cfg.data}: {rows} train task(s) for {cfg.num_workers} workers")

@@ -23,8 +23,10 @@ from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
 from harness.names import check_name
 from harness.tokens import TokenDesign
+from harness.tracking import create_experiment
 from harness.train import TrainConfig, init_ray
 
+TRIAL_MEMORY = 64 * 2**20  # bytes reserved by a trial's driver function
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -46,7 +48,9 @@ class SweepConfig:
     search_space: dict[str, dict[str, list]] = field(default_factory=dict)
     num_samples: int = 1
     max_concurrent_trials: int = 1
-    trial_cpus: float = 0.05  # for the trial's driver function; its workers have their own resources
+    # The trial's driver function only waits on its trainer, whose workers reserve their own CPUs: reserving
+    # more for it keeps N trials of one-CPU workers from sharing N cores (the second waits for the first).
+    trial_cpus: float = 0.0
     metric: str = "dev_macro_f1"
     mode: str = "max"
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -197,8 +201,10 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
     tracking = replace(cfg.train.tracking, experiment=cfg.train.tracking.experiment or f"sweep-{cfg.name}")
     trials = replace(cfg.train, storage_path=str(directory / "trials"), tracking=tracking)
     resolved = replace(cfg, train=trials.resolved())
+    create_experiment(resolved.train.tracking, "train")  # before trials, which run concurrently, open runs in it
     train_values = param_space(resolved)
-    trainable = tune.with_resources(run_trial, {"CPU": cfg.trial_cpus})
+    # Tune needs some resource in a trial's bundle: with no CPU, a token of memory.
+    trainable = tune.with_resources(run_trial, {"CPU": cfg.trial_cpus, "memory": TRIAL_MEMORY})
     experiment = directory / "tune"
     if tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(

@@ -140,19 +140,36 @@ class NoTracker:
         pass
 
 
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
+def create_experiment(settings: TrackingSettings, kind: str) -> None:
+    """Create the experiment that concurrent runs (a sweep's trials) will open their runs in, before they start:
+    MLflow's file store creates experiments without a lock, so runs racing to create one fail on each other's
+    half-written experiment or make duplicates. `settings` must be resolved."""
+    if settings.backend == "mlflow" and settings.uri:
+        _experiment_id(_mlflow_client(settings.uri), settings.experiment or kind)
+
+
+def _mlflow_client(uri: str) -> Any:
+    if uri.startswith("file:"):
+        # MLflow 3.17 refuses its file store unless told: the store is in maintenance mode, but it needs
+        # no database or server, and its runs are plain files beside the harness's own artifacts.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 class MlflowTracker:
     """One MLflow run through `MlflowClient` (no global active run, so nothing leaks between runs of a process)."""
 
     def __init__(self, uri: str, experiment: str, name: str, run_id: str | None):
-        if uri.startswith("file:"):
-            # MLflow 3.17 refuses its file store unless told: the store is in maintenance mode, but it needs
-            # no database or server, and its runs are plain files beside the harness's own artifacts.
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.client = _mlflow_client(uri)
+        experiment_id = _experiment_id(self.client, experiment)
         # A run gone from the store (mlruns deleted, or another experiment asked for) goes on in a new one.
         if run_id and self.client.search_runs([experiment_id], f"attributes.run_id = '{run_id}'"):
             self.client.update_run(run_id, status="RUNNING")

@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ def _values(sample: Path, tiny_model: Path, tmp_path: Path) -> dict:
         "name": "t",
         "runs_dir": str(tmp_path / "runs"),
         "scheduler": {"type": "fifo"},
+        "max_concurrent_trials": 2,
         "search_space": {"design.spelling": {"grid": ["special", "text"]}, "warmup_ratio": {"uniform": [0.1, 0.3]}},
         "train": {
             "data": str(sample),
@@ -35,6 +37,11 @@ def _values(sample: Path, tiny_model: Path, tmp_path: Path) -> dict:
             "max_failures": 0,
         },
     }
+
+
+def _written_since(root: Path, since: float) -> list[Path]:
+    """The files and directories under `root` changed since `since` (none when `root` is missing)."""
+    return [path for path in root.rglob("*") if path.stat().st_mtime >= since] if root.exists() else []
 
 
 def test_search_space_errors_name_the_key(sample, tiny_model, tmp_path):
@@ -59,6 +66,7 @@ def test_sweep_of_two_designs_with_sampled_warmups_carries_every_searched_key_in
     sample, tiny_model, tmp_path, ray_local
 ):
     cfg = config.build(SweepConfig, _values(sample, tiny_model, tmp_path))
+    started = time.time()
     table = sweep(cfg)
     stored = pd.read_parquet(cfg.directory / "trials.parquet")
     assert len(stored) == 2 and set(stored.status) == {"finished"}
@@ -71,11 +79,17 @@ def test_sweep_of_two_designs_with_sampled_warmups_carries_every_searched_key_in
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
     assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
     assert table.trial_id.tolist() == stored.trial_id.tolist()
+    # Both trials trained at once on the 2 CPUs (a trial's driver reserves none, each trial's one worker one):
+    # the later trial's worker wrote its run record before the earlier trial finished.
+    runs = {trial: cfg.directory / "trials" / trial for trial in stored.trial_id}
+    began = {trial: (run / "run_record.json").stat().st_mtime for trial, run in runs.items()}
+    first, second = sorted(began, key=began.get)
+    assert began[second] < (runs[first] / "final_metrics.json").stat().st_mtime
     tracked = cfg.directory / "mlruns"  # beside the trials, never in the working directory
     names = {path.read_text() for path in tracked.glob("*/*/tags/mlflow.runName")}
-    assert names == set(stored.trial_id) and not (Path.cwd() / "mlruns").exists()
-    experiments = {path.read_text() for path in tracked.glob("*/meta.yaml")}
-    assert any("name: sweep-t" in meta for meta in experiments)
+    assert names == set(stored.trial_id) and not _written_since(Path.cwd() / "mlruns", started)
+    experiments = [path.read_text() for path in tracked.glob("*/meta.yaml")]
+    assert sum("name: sweep-t" in meta for meta in experiments) == 1  # made once, before the concurrent trials
 
     again = sweep(cfg)  # a restarted sweep restores instead of training again
     assert sorted(again.trial_id) == sorted(stored.trial_id)

@@ -7,10 +7,9 @@ copy of the uploaded code, without the gitignored `artifacts/` and `results/`, s
 into a local path.
 
 Results (`output_dir`, `leaderboard`) may live in an object store: a `Location` is a local path or any pyarrow
-filesystem URI (`s3://bucket/prefix`, `gs://...`). S3 credentials and endpoint come from the standard
-variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for an S3-compatible server,
-`AWS_REGION`) or from the URI's query (`s3://bucket/prefix?endpoint_override=host:port&scheme=http`), as
-pyarrow reads them; every node that writes needs them.
+filesystem URI (`s3://bucket/prefix`, `gs://...`). pyarrow reads S3 credentials and endpoint from the
+standard variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` for an
+S3-compatible server); the process that writes needs them.
 """
 
 from __future__ import annotations
@@ -84,7 +83,7 @@ class Location:
     """A results file or directory: a local path or an object under a pyarrow filesystem URI.
 
     Writes are atomic either way: a local file is written beside its target and renamed over it; an object is
-    written whole by one PUT, and an object store never shows a partial object.
+    uploaded whole (one PUT, or a multipart upload that appears only once complete), so no reader sees a part.
     """
 
     uri: str  # what messages show: the local path or the URI

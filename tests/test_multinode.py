@@ -165,9 +165,14 @@ def _eval(config: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
-def test_two_node_evaluation_writes_to_the_bucket_and_resumes(object_store, sample, tiny_model, tmp_path, no_suite_ray):
+def test_two_node_evaluation_writes_to_the_bucket_and_resumes(
+    object_store, sample, tiny_model, tmp_path, monkeypatch, no_suite_ray
+):
     import ray
     from ray.util.state import list_actors
+
+    for key, value in object_store.items():  # for this process's reads of the bucket through the harness
+        monkeypatch.setenv(key, value)
 
     home = tmp_path / "home"  # no ~/.ray/auth_token: this cluster runs without token auth
     home.mkdir()
@@ -209,7 +214,7 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(object_store, samp
                 }
             )
         )
-        driver_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        driver_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "HARNESS_LOG_DIR": str(tmp_path / "logs")}
         _eval(config, driver_env)
 
         def predictors() -> list:
@@ -217,15 +222,12 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(object_store, samp
 
         first = predictors()
         assert len(first) == 2 and {a.node_id for a in first} == {node_b()}  # both agents' actors ran on node B
-        objects = _objects(object_store, "multinode")
+        objects = _objects(object_store, "multinode/eval")
         finals = sorted(k for k in objects if k.count("/") == 2 and k.endswith(".parquet"))
         assert [Path(k).name.split("-")[0] for k in finals] == ["instructed", "zero"]
         parts = {f: sorted(k for k in objects if k.startswith(f.removesuffix(".parquet") + "/part-")) for f in finals}
         assert all(len(p) == 3 for p in parts.values())  # 24 tasks in parts of 8
-        with pytest.MonkeyPatch.context() as patch:
-            for key, value in object_store.items():
-                patch.setenv(key, value)
-            board = leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")
+        board = leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")
         overall = board[(board.subset == "all") & (board.slice == "overall")]
         assert set(board.agent) == {"zero-shot", "instructed"} and set(overall.n) == {24}
 
@@ -237,17 +239,14 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(object_store, samp
         s3.delete_file(f"{BUCKET}/{parts[zero][0]}")
         _eval(config, driver_env)
         assert len(predictors()) == len(first) + 1  # one new actor: zero-shot's; none for instructed
-        after = _objects(object_store, "multinode")
+        after = _objects(object_store, "multinode/eval")
         (new_part,) = set(after) - set(objects)
         assert new_part.startswith(zero.removesuffix(".parquet") + "/part-")
         assert set(objects) - set(after) == {parts[zero][0]}
         instructed = [k for k in objects if "instructed" in k]
         assert all(after[k] == objects[k] for k in instructed)  # the finished agent was not written again
-        with pytest.MonkeyPatch.context() as patch:
-            for key, value in object_store.items():
-                patch.setenv(key, value)
-            assert len(store.location(f"s3://{BUCKET}/{zero}", "output_dir").read_parquet()) == 24
-            assert len(leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")) == len(board)
+        assert len(store.location(f"s3://{BUCKET}/{zero}", "output_dir").read_parquet()) == 24
+        assert len(leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")) == len(board)
     finally:
         ray.shutdown()
         for node in reversed(nodes):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -24,15 +25,31 @@ EPOCHS, BATCH, WORKERS = 2, 16, 2
 UNKILLED_LOSS_RATIO = 0.7
 
 
+def _registered(snapshot: Path) -> bool:
+    """Whether Ray Train has registered a checkpoint: it rewrites this snapshot (in place) on each one."""
+    try:
+        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def _titled(processes: list[psutil.Process], title: str) -> list[psutil.Process]:
+    """The processes whose title (Ray sets it, e.g. `ray::RayTrainWorker`) starts with `title`."""
+    found = []
+    for process in processes:
+        try:
+            if process.cmdline()[:1] and process.cmdline()[0].startswith(title):
+                found.append(process)
+        except psutil.NoSuchProcess:  # a short-lived worker that ended meanwhile
+            continue
+    return found
+
+
 def _train_workers(run: subprocess.Popen) -> list[psutil.Process]:
-    """The Ray Train worker processes under this run's raylet (the run started its own local Ray)."""
+    """The Ray Train worker processes under this run's raylet (the run started a local Ray of its own)."""
     raylets = [p for p in psutil.Process(run.pid).children(recursive=True) if p.name() == "raylet"]
-    return [
-        child
-        for raylet in raylets
-        for child in raylet.children(recursive=True)
-        if child.cmdline()[:1] and child.cmdline()[0].startswith("ray::RayTrainWorker")
-    ]
+    assert len(raylets) == 1, raylets
+    return _titled(raylets[0].children(recursive=True), "ray::RayTrainWorker")
 
 
 def test_a_killed_worker_restarts_from_its_last_checkpoint_and_finishes_the_run(sample, tiny_model, tmp_path):
@@ -59,16 +76,16 @@ def test_a_killed_worker_restarts_from_its_last_checkpoint_and_finishes_the_run(
         "max_failures=2",
     ]
     ray_tmp = tempfile.mkdtemp(prefix="rk")  # its own Ray: short, since Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    logs = tmp_path / "logs"  # the CLI's log files: what Ray workers print, such as the resume line
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HARNESS_LOG_DIR": str(logs)}
     env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "train.log"
+    log = tmp_path / "train.out"
     with log.open("w") as output:
         run = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        # Ray Train writes this snapshot once it has registered a checkpoint: from then on a restart resumes.
         snapshot = run_dir / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 300
-        while not (snapshot.exists() and json.loads(snapshot.read_text() or "{}").get("checkpoint_results")):
+        while not _registered(snapshot):
             assert run.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         workers = _train_workers(run)
@@ -81,7 +98,7 @@ def test_a_killed_worker_restarts_from_its_last_checkpoint_and_finishes_the_run(
             run.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    output = log.read_text()
+    output = "".join(path.read_text() for path in logs.glob("train-*.log"))
     resumed_at = int(output.split("[harness] resuming killed at epoch ")[1].split("step ")[1].split()[0])
     assert resumed_at >= 4 and resumed_at % 4 == 0, output[-3000:]
     metrics = json.loads((run_dir / "final_metrics.json").read_text())

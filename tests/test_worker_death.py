@@ -19,10 +19,10 @@ from harness.train import batches_per_epoch
 pytestmark = pytest.mark.slow
 
 EPOCHS, BATCH, WORKERS = 2, 16, 2
-# Dev loss after this config, unkilled (2 x ZeRO-2 workers, 2 epochs; measured 2026-11-26 on 2 CPU cores):
-# the final dev loss divided by the initial one was about 0.X. A resumed run replays the data of the steps
-# after its checkpoint in a different order, so "within noise" is a loose bound around that ratio.
-UNKILLED_LOSS_RATIO = 0.7
+# This config unkilled (measured 2026-11-26, 2 CPU cores): final dev loss / initial dev loss = 4.793 / 7.484 =
+# 0.640. A killed run resumed at step 4 ended with the same dev loss to the last bit, but the order of the
+# shards' rows after a restart is not guaranteed, so "within noise" is that ratio plus a margin.
+UNKILLED_LOSS_RATIO, NOISE = 0.640, 0.05
 
 
 def _registered(snapshot: Path) -> bool:
@@ -104,5 +104,5 @@ def test_a_killed_worker_restarts_from_its_last_checkpoint_and_finishes_the_run(
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
     rows = sum(1 for line in sample.read_text().splitlines() if '"split": "train"' in line)
     assert metrics["completed"] and metrics["step"] == EPOCHS * batches_per_epoch(rows // WORKERS, BATCH)
-    assert metrics["dev_loss"] < 1.15 * UNKILLED_LOSS_RATIO * metrics["initial_dev_loss"], metrics
+    assert metrics["dev_loss"] / metrics["initial_dev_loss"] < UNKILLED_LOSS_RATIO + NOISE, metrics
     assert (run_dir / "final" / "model.safetensors").exists()

@@ -34,7 +34,7 @@ ACCESS_KEY, SECRET_KEY = "harness-test", "harness-test-secret"
 WEED_PORTS = ("master.port", "volume.port", "filer.port", "s3.port", "admin.port")
 
 
-def _wait(ready, process: subprocess.Popen, what: str, log: Path, seconds: float = 60) -> None:
+def _wait(ready, process: subprocess.Popen, what: str, log: Path, seconds: float = 180) -> None:
     deadline = time.time() + seconds
     while not ready():
         assert process.poll() is None and time.time() < deadline, f"{what} did not start: {log.read_text()[-3000:]}"

@@ -38,7 +38,7 @@ from harness.selection import (
     parse_mode,
     parse_strategy,
 )
-from harness.store import local_path, model_path
+from harness.store import Location, local_path, location, model_path
 from harness.tokens import TokenDesign
 from harness.tracking import TrackingSettings, record_evaluation
 
@@ -56,6 +56,7 @@ class AgentSpec:
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {node_b: 1}
     batch_size: int = 16
     dtype: str = "auto"
     trust_remote_code: bool = False
@@ -80,6 +81,9 @@ class AgentSpec:
                 raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ValueError(f"num_cpus must be > 0 and num_gpus >= 0, got {self.num_cpus} and {self.num_gpus}")
+        negative = sorted(name for name, amount in self.resources.items() if amount < 0)
+        if negative:
+            raise ValueError(f"resources: {negative[0]} must be >= 0, got {self.resources[negative[0]]}")
 
 
 @dataclass
@@ -90,9 +94,9 @@ class EvalConfig:
     split: str = "test"
     skip_bad_rows: bool = False
     max_tasks: int | None = None  # the first N tasks of the split by task_id (stable across re-runs)
-    output_dir: str = "artifacts/eval"
+    output_dir: str = "artifacts/eval"  # a directory, or an object-store prefix such as s3://bucket/eval
     runs_dir: str = "artifacts/runs"
-    leaderboard: str = "results/leaderboard.parquet"
+    leaderboard: str = "results/leaderboard.parquet"  # a local file, or an object such as s3://bucket/lb.parquet
     answers: bool = True  # also generate answers for behavior-token agents
     max_new_tokens: int = 32
     max_prompt_tokens: int = 1024
@@ -154,9 +158,12 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list
                     "and the agent sets no design"
                 )
         design = design if spec.mode is Mode.BEHAVIORSFT else None
+        # How and where the agent runs is not what it predicts (`resources` is dropped, not nulled: run ids from
+        # before that field stay valid).
+        agent = {k: v for k, v in asdict(spec).items() if k != "resources"}
         identity = json.dumps(
             [
-                {**asdict(spec), "design": asdict(design) if design else None, "replicas": None, "num_cpus": None},
+                {**agent, "design": asdict(design) if design else None, "replicas": None, "num_cpus": None},
                 path,
                 _model_stamp(path),
                 dataset_id,
@@ -261,17 +268,18 @@ class AgentPredictor:
         }
 
 
-def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Path):
+def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
     """The split's tasks (the first `max_tasks` by task_id), materialized in parts, and their ids."""
-    tasks = load_dataset(
-        local_path(cfg.data, "data"),
-        taxonomy,
-        skip_bad_rows=cfg.skip_bad_rows,
-        rejects_path=out / "rejects.jsonl",
-        clean_dir=out,
-    )
     split = cfg.split
-    tasks = tasks.filter(lambda row: row["split"] == split).materialize()
+    with out.local_dir() as scratch:  # the rejects and clean copy of skipped bad rows land in `out`
+        tasks = load_dataset(
+            local_path(cfg.data, "data"),
+            taxonomy,
+            skip_bad_rows=cfg.skip_bad_rows,
+            rejects_path=scratch / "rejects.jsonl",
+            clean_dir=scratch,
+        )
+        tasks = tasks.filter(lambda row: row["split"] == split).materialize()
     ids = sorted(tasks.select_columns(["task_id"]).to_pandas()["task_id"])
     if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
@@ -284,8 +292,7 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Path):
 
 def _write_failure(store: PredictionStore, name: str, error: str) -> str:
     """Save a failed agent's traceback beside its predictions; return the one line to show."""
-    log = store.parts_dir / "error.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = store.parts_dir.child("error.log")
     log.write_text(error)
     last = next((line for line in reversed(error.strip().splitlines()) if line.strip()), "unknown error")
     return f"agent {name}: {last.strip()} (full traceback: {log})"
@@ -314,7 +321,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     taxonomy = load_taxonomy(cfg.taxonomy)
     dataset_id = fingerprint(cfg.data)
     agents = resolve_agents(cfg, dataset_id, taxonomy)
-    out = local_path(cfg.output_dir, "output_dir")
+    out = location(cfg.output_dir, "output_dir")
     stores = {a.spec.name: PredictionStore(out, a.key) for a in agents}
     if not ray.is_initialized():
         ray.init()
@@ -341,6 +348,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
                 compute=ray.data.ActorPoolStrategy(size=agent.spec.replicas),
                 num_cpus=agent.spec.num_cpus,
                 num_gpus=agent.spec.num_gpus,
+                resources=dict(agent.spec.resources),
                 max_restarts=BATCH_TRIES,  # an actor that dies (e.g. killed for memory) is not retried forever
                 max_task_retries=BATCH_TRIES,
             )

@@ -1,24 +1,29 @@
 """Parquet leaderboards: one tidy table (agent x subset x slice x metric), appended atomically.
 
-Appends hold an exclusive lock on `PATH.lock`, write a temporary file and rename it over the table,
-so concurrent jobs never corrupt it; rows of a run id already present are replaced, so re-running a
-finished evaluation does not duplicate them.
+A leaderboard is a local file or an object (`s3://bucket/results/leaderboard.parquet`, see
+`harness.store.Location`). Rows of a run id already present are replaced, so re-running a finished
+evaluation does not duplicate them. Local appends hold an exclusive lock on `PATH.lock`, write a temporary
+file and rename it over the table, so concurrent jobs never corrupt it or lose rows. An object is
+replaced whole by one PUT, so a reader never sees a partial table, but object stores have no locks: of
+two jobs appending to the same object at once, the later PUT wins and the other's rows are lost. Run
+appends to one object one at a time, or give concurrent jobs leaderboards of their own.
 """
 
 from __future__ import annotations
 
 import fcntl
 import html
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+import pyarrow
 
 from harness.errors import ConfigError
-from harness.files import write_parquet, write_text
-from harness.metrics import read_table
+from harness.files import write_text
 from harness.run_record import code_version
+from harness.store import Location, location
 
 COLUMNS = [
     "run_id",
@@ -90,29 +95,36 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def read(path: str | Path) -> pd.DataFrame:
-    """The leaderboard at `path` (empty when there is none); ConfigError when the file is not one."""
-    path = Path(path)
-    if not path.exists():
+def _board(path: str | Path | Location) -> Location:
+    return path if isinstance(path, Location) else location(path, "leaderboard")
+
+
+def read(path: str | Path | Location) -> pd.DataFrame:
+    """The leaderboard at `path`, a local file or an object (empty when there is none); ConfigError when it is
+    not one."""
+    board = _board(path)
+    if not board.exists():
         return pd.DataFrame(columns=COLUMNS)
     try:
-        frame = read_table(path)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not a leaderboard ({exc})") from None
+        frame = board.read_parquet()
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{board}: not a leaderboard (not a readable Parquet file ({reason}))") from None
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
-        raise ConfigError(f"{path}: not a leaderboard (a predictions file? missing columns {', '.join(missing)})")
+        raise ConfigError(f"{board}: not a leaderboard (a predictions file? missing columns {', '.join(missing)})")
     return frame
 
 
 def append(path: str | Path, rows: pd.DataFrame) -> None:
-    """Add `rows`, replacing any rows of the same run ids; atomic and safe under concurrency."""
-    path = Path(path)
-    with _locked(path):
-        existing = read(path)
+    """Add `rows`, replacing any rows of the same run ids; atomic, and safe under concurrency on a local path
+    (object stores have no locks: see the module's docstring)."""
+    board = _board(path)
+    with _locked(Path(board.path)) if board.local else nullcontext():
+        existing = read(board)
         kept = existing[~existing["run_id"].isin(rows["run_id"].unique())]
         combined = pd.concat([kept, rows[COLUMNS]], ignore_index=True) if len(kept) else rows[COLUMNS]
-        write_parquet(path, combined.reset_index(drop=True))
+        board.write_parquet(combined.reset_index(drop=True))
 
 
 def _ties_above(rows: pd.DataFrame, agent: str, above: str) -> bool:

@@ -1,18 +1,19 @@
 """The prediction store: one owner of an agent run's predictions on disk.
 
-Parts land as they arrive (`<root>/<key>/part-*.parquet`, written atomically), so a killed job keeps its
-progress; `finalize` checks that the parts hold exactly the planned tasks and writes `<root>/<key>.parquet`.
+Parts land as they arrive (`<root>/<key>/part-*.parquet`, each written atomically: a renamed local file or
+one whole object), so a killed job keeps its progress; `finalize` checks that the parts hold exactly the
+planned tasks and writes `<root>/<key>.parquet`. The root is a local directory or an object-store prefix
+(`harness.store.Location`).
 """
 
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.files import write_parquet
+from harness.store import Location
 
 PREDICTION_SCHEMA = {
     "task_id": "string",
@@ -42,9 +43,9 @@ def typed(frame: pd.DataFrame) -> pd.DataFrame:
 class PredictionStore:
     """The predictions of one agent run (`key`: agent name and run id) under `root`."""
 
-    def __init__(self, root: Path, key: str):
-        self.parts_dir = root / key
-        self.final = root / f"{key}.parquet"
+    def __init__(self, root: Location, key: str):
+        self.parts_dir = root.child(key)
+        self.final = root.child(f"{key}.parquet")
 
     @property
     def finished(self) -> bool:
@@ -54,16 +55,16 @@ class PredictionStore:
         """Task ids that already have a prediction in a part."""
         return {
             task_id
-            for part in sorted(self.parts_dir.glob("part-*.parquet"))
-            for task_id in pd.read_parquet(part, columns=["task_id"])["task_id"]
+            for part in self.parts_dir.files("part-*.parquet")
+            for task_id in part.read_parquet(columns=["task_id"])["task_id"]
         }
 
     def add(self, rows: pd.DataFrame) -> None:
-        write_parquet(self.parts_dir / f"part-{uuid.uuid4().hex}.parquet", typed(rows))
+        self.parts_dir.child(f"part-{uuid.uuid4().hex}.parquet").write_parquet(typed(rows))
 
     def finalize(self, planned: set[str]) -> None:
         """Write the final file from the parts; it must hold exactly the `planned` task ids."""
-        parts = [pd.read_parquet(p) for p in sorted(self.parts_dir.glob("part-*.parquet"))]
+        parts = [part.read_parquet() for part in self.parts_dir.files("part-*.parquet")]
         predictions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(PREDICTION_SCHEMA))
         predictions = predictions.drop_duplicates("task_id", keep="first")
         have = set(predictions["task_id"])
@@ -74,7 +75,7 @@ class PredictionStore:
                 f"({len(missing)} missing, first {missing[:1]}; {len(extra)} unplanned, first {extra[:1]}); "
                 "re-run to complete them"
             )
-        write_parquet(self.final, typed(predictions.sort_values("task_id").reset_index(drop=True)))
+        self.final.write_parquet(typed(predictions.sort_values("task_id").reset_index(drop=True)))
 
     def read(self) -> pd.DataFrame:
-        return pd.read_parquet(self.final)
+        return self.final.read_parquet()

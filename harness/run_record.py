@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import harness
-from harness.files import write_text
+from harness.store import Location, location
 
 PACKAGES = {  # record key: distribution name
     "torch": "torch",
@@ -104,5 +104,8 @@ def run_record(batch: dict[str, int], seeds: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def save_record(path: Path, record: dict[str, Any]) -> None:
-    write_text(path, json.dumps(record, indent=2) + "\n")
+def save_record(path: Path | Location, record: dict[str, Any]) -> None:
+    """Write `record` as JSON to `path`, a local file or an object (atomic either way)."""
+    (path if isinstance(path, Location) else location(path, "run record")).write_text(
+        json.dumps(record, indent=2) + "\n"
+    )

@@ -5,20 +5,36 @@ the storage root: `$HARNESS_ROOT`, else the current directory. A Ray job needs i
 copy of the uploaded code, without the gitignored `artifacts/` and `results/`, so its entrypoint takes
 `--root DIR` (`python jobs/evaluate.py --root "$PWD" ...`). A URI such as `s3://bucket/runs` is never turned
 into a local path.
+
+Results (`output_dir`, `leaderboard`) may live in an object store: a `Location` is a local path or any pyarrow
+filesystem URI (`s3://bucket/prefix`, `gs://...`). pyarrow reads S3 credentials and endpoint from the
+standard variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` for an
+S3-compatible server); the process that writes needs them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+import pyarrow
+import pyarrow.fs as pafs
 
 from harness.errors import ConfigError
+from harness.files import write_atomic
 from harness.names import check_name
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROOT_ENV = "HARNESS_ROOT"
 ARTIFACTS = "artifacts"  # the harness's own tree: a model reference under it is a local path, never a hub id
@@ -60,6 +76,89 @@ def local_path(path: str | Path, key: str) -> Path:
     if is_uri(text):
         raise ConfigError(f"{key}: {path}: storage URIs are not supported here yet; use a path every node mounts")
     return Path(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """A results file or directory: a local path or an object under a pyarrow filesystem URI.
+
+    Writes are atomic either way: a local file is written beside its target and renamed over it; an object is
+    uploaded whole (one PUT, or a multipart upload that appears only once complete), so no reader sees a part.
+    """
+
+    uri: str  # what messages show: the local path or the URI
+    fs: pafs.FileSystem
+    path: str  # the filesystem's own path
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, name: str) -> Location:
+        return Location(f"{self.uri}/{name}", self.fs, f"{self.path}/{name}")
+
+    def sibling(self, name: str) -> Location:
+        """The file `name` in the same directory as this one."""
+        return Location(f"{self.uri.rsplit('/', 1)[0]}/{name}", self.fs, f"{self.path.rsplit('/', 1)[0]}/{name}")
+
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def files(self, pattern: str) -> list[Location]:
+        """The files directly under this directory whose names match the glob `pattern`, by name."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        return [self.child(name) for name in names if fnmatch.fnmatchcase(name, pattern)]
+
+    def read_parquet(self, columns: list[str] | None = None) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.read_parquet(self.path, columns=columns, filesystem=self.fs)
+
+    def read_text(self) -> str:
+        with self.fs.open_input_stream(self.path) as stream:
+            return stream.read().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        if self.local:
+            write_atomic(Path(self.path), lambda tmp: tmp.write_bytes(data))
+        else:
+            with self.fs.open_output_stream(self.path) as out:
+                out.write(data)
+
+    def write_parquet(self, frame: pd.DataFrame) -> None:
+        self.write_bytes(frame.to_parquet(index=False))
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    @contextmanager
+    def local_dir(self) -> Iterator[Path]:
+        """A local directory for files that a library writes itself: this directory when it is local, else a
+        temporary one whose files are uploaded here on exit."""
+        if self.local:
+            yield Path(self.path)
+            return
+        with tempfile.TemporaryDirectory(prefix="harness-") as scratch:
+            yield Path(scratch)
+            for file in sorted(p for p in Path(scratch).rglob("*") if p.is_file()):
+                self.child(file.relative_to(scratch).as_posix()).write_bytes(file.read_bytes())
+
+
+def location(path: str | Path, key: str) -> Location:
+    """`path` resolved against the root as a `Location`; a URI that pyarrow cannot open is one line naming `key`."""
+    text = resolve(path)
+    if not is_uri(text):
+        return Location(text, pafs.LocalFileSystem(), text)
+    try:
+        fs, inner = pafs.FileSystem.from_uri(text)
+    except (pyarrow.ArrowException, ValueError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{key}: {path}: not a storage location pyarrow can open ({reason})") from None
+    return Location(text.rstrip("/"), fs, inner.rstrip("/"))
 
 
 def run_dir(runs_dir: str | Path, name: str) -> Path:

@@ -23,7 +23,6 @@ from urllib.request import url2pathname
 
 from harness import store
 from harness.errors import ConfigError
-from harness.files import write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,7 +50,15 @@ class TrackingSettings:
     def resolved(self, root: str | Path) -> TrackingSettings:
         """These settings with `uri` absolute, as the driver sees it: a path, or by default the directory
         `default_store(root)`, becomes a `file:` URI; a server URI stays."""
-        uri = self.uri or str(default_store(Path(root), "wandb" if self.backend == "wandb" else "mlruns"))
+        name = "wandb" if self.backend == "wandb" else "mlruns"
+        if self.uri:
+            uri = self.uri
+        elif not store.is_uri(store.resolve(root)):
+            uri = str(default_store(Path(store.resolve(root)), name))
+        elif not store.is_uri(store.root()):  # results in an object store: the file store stays local, at the root
+            uri = str(Path(store.root()) / name)
+        else:
+            raise ConfigError(f"tracking.uri: {root} is in an object store; set tracking.uri (a server or a directory)")
         if not ("://" in uri or uri.startswith("file:")):
             uri = Path(store.resolve(uri)).as_uri()
         local = _local(uri) if uri.startswith("file:") else None
@@ -244,7 +251,12 @@ class WandbTracker:
 
 
 def open_run(
-    settings: TrackingSettings, kind: str, name: str, state: Path, params: dict[str, Any], record: dict[str, Any]
+    settings: TrackingSettings,
+    kind: str,
+    name: str,
+    state: Path | store.Location,
+    params: dict[str, Any],
+    record: dict[str, Any],
 ) -> Tracker:
     """The tracking run of harness run `name`, with its `params` and its run `record` (tags and run_record.json).
 
@@ -256,6 +268,7 @@ def open_run(
         return NoTracker()
     if not settings.uri:
         raise ValueError("tracking settings must be resolved before a run is opened")
+    state = state if isinstance(state, store.Location) else store.location(state, "tracking state")
     known = json.loads(state.read_text()) if state.exists() else {}
     same_store = known.get("backend") == settings.backend and known.get("uri") == settings.uri
     run_id = known.get("run_id") if same_store else None
@@ -263,7 +276,7 @@ def open_run(
     try:
         tracker = backend(settings.uri, settings.experiment or kind, name, run_id)
         if tracker.run_id != run_id:
-            write_text(state, json.dumps({"backend": settings.backend, "uri": settings.uri, "run_id": tracker.run_id}))
+            state.write_text(json.dumps({"backend": settings.backend, "uri": settings.uri, "run_id": tracker.run_id}))
         tracker.log_params(params)
         tracker.set_tags({"record": record})
         tracker.log_json("run_record.json", record)
@@ -277,7 +290,7 @@ def open_run(
 
 
 def record_evaluation(
-    cfg: EvalConfig, agent: ResolvedAgent, dataset_id: str, metrics: pd.DataFrame, predictions: Path
+    cfg: EvalConfig, agent: ResolvedAgent, dataset_id: str, metrics: pd.DataFrame, predictions: store.Location
 ) -> None:
     """Write `<key>.record.json` beside an agent's final predictions (once) and track the evaluation: one run per
     agent run id in experiment "eval", with its params, its leaderboard metrics (`<subset>/<slice>/<metric>`
@@ -285,7 +298,7 @@ def record_evaluation(
     from harness.config import to_dict
     from harness.run_record import run_record, save_record
 
-    spec, record_file = agent.spec, predictions.with_name(f"{agent.key}.record.json")
+    spec, record_file = agent.spec, predictions.sibling(f"{agent.key}.record.json")
     if record_file.exists():  # predictions made by an earlier job: its record describes them
         record = json.loads(record_file.read_text())
     else:  # the bootstrap seed is harness.metrics.score_agents' default, which evaluate() uses
@@ -301,11 +314,14 @@ def record_evaluation(
         "run_id": agent.run_id,
     }
     settings = cfg.tracking.resolved(cfg.output_dir)
-    tracker = open_run(settings, "eval", agent.key, predictions.with_name(f"{agent.key}.tracking.json"), params, record)
+    tracker = open_run(settings, "eval", agent.key, predictions.sibling(f"{agent.key}.tracking.json"), params, record)
     values: dict[str, Any] = {}
     for row in metrics.itertuples():
         name = f"{row.subset}/{row.slice}/{row.metric}"
         values.update({name: row.value, f"{name}.ci_low": row.ci_low, f"{name}.ci_high": row.ci_high})
     tracker.log_metrics(values, step=0)
-    tracker.log_file(predictions)
+    if predictions.local:
+        tracker.log_file(Path(predictions.path))
+    else:  # the predictions stay in their object store: the run names them
+        tracker.set_tags({"predictions": str(predictions)})
     tracker.finish()

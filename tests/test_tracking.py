@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 import harness
-from harness import config
+from harness import config, store
 from harness.errors import ConfigError
 from harness.evaluate import AgentSpec, EvalConfig, ResolvedAgent
 from harness.metrics import score
@@ -166,8 +166,8 @@ def _predictions(n: int = 120) -> pd.DataFrame:
 def test_an_evaluation_is_recorded_and_tracked_in_one_run_per_agent_run(tmp_path: Path):
     out = tmp_path / "eval"
     out.mkdir()
-    predictions = out / "zs-abc123.parquet"
-    _predictions().to_parquet(predictions)
+    predictions = store.location(out / "zs-abc123.parquet", "output_dir")
+    _predictions().to_parquet(predictions.path)
     spec = AgentSpec(name="zs", model="tiny")
     agent = ResolvedAgent(spec, "/models/tiny", None, "abc123")
     cfg = EvalConfig(agents=[spec], output_dir=str(out))

@@ -11,6 +11,7 @@ from harness.bench import load_taxonomy
 from harness.errors import ConfigError, HarnessError
 from harness.evaluate import EvalConfig, resolve_agents
 from harness.predictions import PREDICTION_SCHEMA, PredictionStore
+from harness.store import location
 from harness.train import TrainConfig, train
 from harness.train_config import CONFIG_FILE
 
@@ -42,7 +43,7 @@ def test_the_eval_run_id_covers_the_taxonomy_and_the_strategy(sample, tiny_model
 
 
 def test_final_predictions_must_hold_exactly_the_planned_tasks(tmp_path):
-    store = PredictionStore(tmp_path, "a-1")
+    store = PredictionStore(location(tmp_path, "output_dir"), "a-1")
     row = {name: "x" for name in PREDICTION_SCHEMA} | {"hard": False, "latency_ms": 1.0, "prompt_tokens": 5}
     store.add(pd.DataFrame([{**row, "task_id": "t1"}, {**row, "task_id": "t2"}]))
     with pytest.raises(HarnessError, match=r"1 missing, first \['t3'\]; 0 unplanned"):

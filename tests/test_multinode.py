@@ -104,7 +104,7 @@ def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatc
     assert not out.local and str(out) == f"s3://{BUCKET}/fast/eval"
     predictions = PredictionStore(out, "agent-r1")
     rows = pd.DataFrame({column: ["x"] * 4 for column in PREDICTION_SCHEMA})
-    rows = rows.assign(task_id=["t3", "t1", "t2", "t0"], hard=False, latency_ms=1.0)
+    rows = rows.assign(task_id=["t3", "t1", "t2", "t0"], hard=False, latency_ms=1.0, prompt_tokens=5)
     predictions.add(rows.iloc[:2])
     predictions.add(rows.iloc[2:])
     assert predictions.done_ids() == set(rows.task_id) and not predictions.finished

@@ -127,7 +127,6 @@ class BehaviorSFTRecipe:
         cfg = self.cfg
         sync_accelerator(cfg.use_gpu)
         import deepspeed
-        import ray.data
         import ray.train
         import torch
 
@@ -154,8 +153,6 @@ class BehaviorSFTRecipe:
         )
         peak = peak_bf16_flops(torch.cuda.get_device_name()) if cfg.use_gpu else None
         self.peak_flops = peak * self.world if peak else None
-        # No progress bar for reading the dev rows: it stays open all run, and its last line leaks at shutdown.
-        ray.data.DataContext.get_current().enable_progress_bars = False
         self.dev = list(ray.train.get_dataset_shard("dev").iter_rows())[: cfg.eval_max_tasks]
         self.shard = ray.train.get_dataset_shard("train")
         self.resume()

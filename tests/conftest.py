@@ -20,6 +20,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _log_dir(tmp_path_factory) -> None:
+    """The CLI log files of the suite's commands go to a directory of the session, not the repository's
+    artifacts/logs (a test of the default location removes the variable)."""
+    os.environ.setdefault("HARNESS_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
+
+
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory) -> Path:
     """A small BehaviorBench-mini file shared by the tests."""

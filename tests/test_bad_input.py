@@ -243,7 +243,7 @@ def test_an_unexpected_error_is_one_line_with_its_root_cause_and_a_log(tmp_path:
     script = _script(tmp_path, CRASHING_CLI)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k != "HARNESS_LOG_DIR"} | {"PYTHONPATH": str(ROOT)}
     before = _listing(ROOT)
     run = subprocess.run([sys.executable, str(script), "boom"], cwd=cwd, env=env, capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr

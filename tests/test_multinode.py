@@ -212,6 +212,7 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(
                     "output_dir": f"s3://{BUCKET}/multinode/eval",
                     "leaderboard": f"s3://{BUCKET}/multinode/results/leaderboard.parquet",
                     "runs_dir": str(tmp_path / "runs"),
+                    "tracking": {"uri": str(tmp_path / "mlruns")},
                 }
             )
         )
@@ -233,6 +234,17 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(
         board = leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")
         macro_f1 = board[(board.subset == "all") & (board.slice == "overall") & (board.metric == "macro_f1")]
         assert sorted(macro_f1.agent) == ["instructed", "zero-shot"] and set(macro_f1.n) == {24}
+        # Each agent run's record and tracking state are objects beside its predictions; its tracking run (in
+        # the local store the config names) points at the predictions in the bucket.
+        for final in finals:
+            key = final.removesuffix(".parquet")
+            assert {f"{key}.record.json", f"{key}.tracking.json"} <= set(objects)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient((tmp_path / "mlruns").as_uri())
+        tracked = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
+        assert sorted(run.data.tags["predictions"] for run in tracked) == [f"s3://{BUCKET}/{k}" for k in finals]
 
         # A killed job: zero-shot's final file and one of its parts are gone. The re-run predicts that part
         # only and leaves the finished instructed agent alone.

@@ -11,6 +11,11 @@ LOG_DIR_ENV = "HARNESS_LOG_DIR"
 DEFAULT_LOG_DIR = Path("artifacts/logs")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message, or its type's name when it has none: for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class HarnessError(Exception):
     """An error a user can fix; the CLI prints it and exits non-zero."""
 

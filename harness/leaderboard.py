@@ -18,10 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
-import pyarrow
 
 from harness.errors import ConfigError
 from harness.files import write_text
+from harness.metrics import read_table
 from harness.run_record import code_version
 from harness.store import Location, location
 
@@ -106,10 +106,9 @@ def read(path: str | Path | Location) -> pd.DataFrame:
     if not board.exists():
         return pd.DataFrame(columns=COLUMNS)
     try:
-        frame = board.read_parquet()
-    except (OSError, ValueError, pyarrow.ArrowException) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{board}: not a leaderboard (not a readable Parquet file ({reason}))") from None
+        frame = read_table(board)
+    except ValueError as exc:
+        raise ConfigError(f"{board}: not a leaderboard ({exc})") from None
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ConfigError(f"{board}: not a leaderboard (a predictions file? missing columns {', '.join(missing)})")

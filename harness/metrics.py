@@ -36,6 +36,9 @@ import numpy as np
 import pandas as pd
 import pyarrow
 
+from harness.errors import first_line
+from harness.store import Location
+
 PROACTIVE, REACTIVE = "proactive", "reactive"
 PREDICTION_COLUMNS = ("task_id", "category", "task_type", "gold_behavior", "pred_behavior")
 TEXT_COLUMNS = ("category", "task_type", "gold_behavior", "pred_behavior")
@@ -44,13 +47,12 @@ ROW_COLUMNS = ("subset", "slice", "metric", "value", "n", "stderr", "ci_low", "c
 CHUNK_ELEMENTS = 4_000_000  # draws x cases per chunk of case multiplicities: about 32 MB per array
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A Parquet file as a frame; ValueError with one line when it is not readable Parquet."""
+def read_table(path: str | Path | Location) -> pd.DataFrame:
+    """A Parquet file (local, or an object) as a frame; ValueError with one line when it is not readable Parquet."""
     try:
-        return pd.read_parquet(path)
+        return path.read_parquet() if isinstance(path, Location) else pd.read_parquet(path)
     except (OSError, ValueError, pyarrow.ArrowException) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"not a readable Parquet file ({reason})") from None
+        raise ValueError(f"not a readable Parquet file ({first_line(exc)})") from None
 
 
 def check_predictions(predictions: pd.DataFrame) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pyarrow
 import pyarrow.fs as pafs
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, first_line
 from harness.files import write_atomic
 from harness.names import check_name
 
@@ -156,8 +156,7 @@ def location(path: str | Path, key: str) -> Location:
     try:
         fs, inner = pafs.FileSystem.from_uri(text)
     except (pyarrow.ArrowException, ValueError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{key}: {path}: not a storage location pyarrow can open ({reason})") from None
+        raise ConfigError(f"{key}: {path}: not a storage location pyarrow can open ({first_line(exc)})") from None
     return Location(text.rstrip("/"), fs, inner.rstrip("/"))
 
 

@@ -50,11 +50,11 @@ class TrackingSettings:
     def resolved(self, root: str | Path) -> TrackingSettings:
         """These settings with `uri` absolute, as the driver sees it: a path, or by default the directory
         `default_store(root)`, becomes a `file:` URI; a server URI stays."""
-        name = "wandb" if self.backend == "wandb" else "mlruns"
+        name, results = "wandb" if self.backend == "wandb" else "mlruns", store.resolve(root)
         if self.uri:
             uri = self.uri
-        elif not store.is_uri(store.resolve(root)):
-            uri = str(default_store(Path(store.resolve(root)), name))
+        elif not store.is_uri(results):
+            uri = str(default_store(Path(results), name))
         elif not store.is_uri(store.root()):  # results in an object store: the file store stays local, at the root
             uri = str(Path(store.root()) / name)
         else:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from harness.bench.records import REQUIRED, check_row, normalize_row
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
-from harness.errors import DataError
+from harness.errors import DataError, first_line
 from harness.files import decode_utf8, write_atomic
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def _parquet_file(path: Path) -> pq.ParquetFile:
     try:
         table = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError([], f"{path}: truncated or corrupt Parquet file ({_first_line(exc)})") from None
+        raise DataError([], f"{path}: truncated or corrupt Parquet file ({first_line(exc)})") from None
     missing = [name for name in REQUIRED if name not in table.schema_arrow.names]
     if missing:
         raise DataError(
@@ -61,10 +61,6 @@ def _parquet_file(path: Path) -> pq.ParquetFile:
             f"(it has {', '.join(table.schema_arrow.names)})",
         )
     return table
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str, str]]:
@@ -78,7 +74,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str, str]]:
                     line += 1
                     yield line, row, ""
         except (pa.ArrowException, OSError) as exc:
-            raise DataError([], f"{path}: corrupt Parquet file after row {line} ({_first_line(exc)})") from None
+            raise DataError([], f"{path}: corrupt Parquet file after row {line} ({first_line(exc)})") from None
         return
     with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad row, not a failed file
         for line, data in enumerate(handle, start=1):

@@ -23,7 +23,7 @@ import yaml
 
 from harness.batching import Encode, batches_per_epoch, bucketed_batches, pad_batch, prepare_datasets
 from harness.bench.taxonomy import load_taxonomy
-from harness.cluster import init_ray, sync_accelerator
+from harness.cluster import init_ray, prepare_deepspeed
 from harness.config import build, to_dict
 from harness.errors import ConfigError
 from harness.files import write_text
@@ -125,7 +125,7 @@ class BehaviorSFTRecipe:
         """The model with the token design (and LoRA) under `deepspeed.initialize`, the data shards, the tracking
         run on rank 0; then `resume`."""
         cfg = self.cfg
-        sync_accelerator(cfg.use_gpu)
+        prepare_deepspeed(cfg.use_gpu)
         import deepspeed
         import ray.train
         import torch

@@ -1,8 +1,6 @@
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from tests.ray_nodes import free_port, stop_ray_node
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 BIN = Path(sys.executable).parent
@@ -62,12 +62,6 @@ def test_every_node_starts_with_the_token_that_ray_up_mounts():
         assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _head_command(temp_dir: str, dashboard: int) -> tuple[dict[str, str], list[str]]:
     """cluster.yaml's head `ray start` (its env assignments and flags), with free ports and no autoscaler."""
     (command,) = [c for c in _config()["head_start_ray_commands"] if "ray start" in c]
@@ -75,8 +69,8 @@ def _head_command(temp_dir: str, dashboard: int) -> tuple[dict[str, str], list[s
     env = dict(w.split("=", 1) for w in words[: words.index("ray")])
     flags = [w for w in words[words.index("ray") + 2 :] if not w.startswith(("--port", "--autoscaling-config"))]
     flags = [w for w in flags if not w.startswith("--object-manager-port")]
-    ports = [f"--port={_free_port()}", f"--object-manager-port={_free_port()}", f"--dashboard-port={dashboard}"]
-    ports += [f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+    ports = [f"--port={free_port()}", f"--object-manager-port={free_port()}", f"--dashboard-port={dashboard}"]
+    ports += [f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     argv = [str(BIN / "ray"), "start", *flags, *ports, "--num-cpus=1", "--block", f"--temp-dir={temp_dir}"]
     return env, argv
 
@@ -101,7 +95,7 @@ def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(t
     # file_mounts: the same file on the node, whose HOME is otherwise empty.
     (node / ".ray").mkdir()
     shutil.copy(token, node / ".ray" / "auth_token")
-    dashboard = _free_port()
+    dashboard = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayauth")
     env, argv = _head_command(temp_dir, dashboard)
     log = tmp_path / "head.log"
@@ -135,7 +129,5 @@ def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(t
         allowed = jobs(laptop, "token")
         assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
+        stop_ray_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

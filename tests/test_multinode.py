@@ -10,7 +10,6 @@ The harness reaches it as any S3 endpoint: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_I
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,8 @@ import yaml
 
 from harness import leaderboard, store
 from harness.predictions import PREDICTION_SCHEMA, PredictionStore
+from tests.ray_nodes import free_port, stop_ray_node
 from tests.test_leaderboard import _rows
-from tests.test_ray_job_submit import _free_port
 
 BIN = Path(sys.executable).parent
 BUCKET = "bench"
@@ -49,10 +48,10 @@ def object_store(tmp_path_factory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("seaweedfs")
     identity = {"name": "harness", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
     (root / "s3.json").write_text(json.dumps({"identities": [{**identity, "actions": ["Admin", "Read", "Write"]}]}))
-    ports = {name: _free_port() for name in WEED_PORTS}
+    ports = {name: free_port() for name in WEED_PORTS}
     command = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={BUCKET}"]
     command += [f"-{name}={port}" for name, port in ports.items()]
-    command += [f"-{name}.grpc={_free_port()}" for name in WEED_PORTS]
+    command += [f"-{name}.grpc={free_port()}" for name in WEED_PORTS]
     command += [f"-{name}.localSocket={root / f'{name}.sock'}" for name in ("filer", "s3")]
     command += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false"]
     command += ["-master.telemetry=false", f"-s3.config={root / 's3.json'}"]
@@ -138,7 +137,7 @@ def _ray_node(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     """`ray start --block ARGS`, with a free port for its dashboard agent, until it answers or fails."""
     with log.open("w") as output:
         node = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", f"--dashboard-agent-listen-port={_free_port()}", *args],
+            [str(BIN / "ray"), "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -147,9 +146,7 @@ def _ray_node(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     try:
         _wait(lambda: "Ray runtime started" in log.read_text(), node, "ray start", log)
     except BaseException:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGTERM)
-            node.wait(timeout=60)
+        stop_ray_node(node)
         raise
     return node
 
@@ -180,10 +177,10 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HARNESS_", "AWS_"))}
     env.update(object_store, HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}")
     temp_dir = tempfile.mkdtemp(prefix="rmn")  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port = free_port()
     nodes = []
     try:
-        ports = [f"--port={port}", f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+        ports = [f"--port={port}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
         nodes.append(
             _ray_node("--head", "--num-cpus=1", *ports, f"--temp-dir={temp_dir}", env=env, log=tmp_path / "head.log")
         )
@@ -265,6 +262,5 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(
     finally:
         ray.shutdown()
         for node in reversed(nodes):
-            os.killpg(node.pid, signal.SIGTERM)
-            node.wait(timeout=60)
+            stop_ray_node(node)
         shutil.rmtree(temp_dir, ignore_errors=True)

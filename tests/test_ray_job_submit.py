@@ -5,8 +5,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,11 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from torch.utils.cpp_extension import get_default_build_root
 
 from harness.bench.synth import write_sample
 from harness.bench.taxonomy import load_taxonomy
 from harness.model import add_behavior_tokens
 from harness.tokens import TokenDesign
+from tests.ray_nodes import free_port, stop_ray_node
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -41,12 +41,6 @@ def test_the_readme_submits_evaluate_train_and_pipeline_with_a_root():
     submits = readme_submits()
     assert set(submits) == {"evaluate", "train", "pipeline"}
     assert all('--root "$PWD"' in line and "--working-dir ." in line for line in submits.values())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _demo_state(repo: Path, tiny_model: Path) -> None:
@@ -71,13 +65,15 @@ def test_readme_ray_job_submit_commands_run_verbatim(tiny_model, tmp_path, no_su
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HARNESS_"))}
     env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token")
+    # The suite's build of DeepSpeed's CPU op: in the empty HOME the workers would build it again (a minute).
+    env["TORCH_EXTENSIONS_DIR"] = get_default_build_root()
     # The README's recipe: a token where the cluster starts (a fresh HOME has none), then `ray start --head`;
     # free ports everywhere Ray has a fixed default, since another Ray instance may be running.
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    dashboard = _free_port()
+    dashboard = free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayjob")  # short: Ray's socket paths have a length limit
-    ports = [f"--port={_free_port()}", f"--dashboard-port={dashboard}"]
-    ports += [f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}"]
+    ports = [f"--port={free_port()}", f"--dashboard-port={dashboard}"]
+    ports += [f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", *ports, "--num-cpus=2", f"--temp-dir={temp_dir}"],
         env=env,
@@ -128,6 +124,5 @@ def test_readme_ray_job_submit_commands_run_verbatim(tiny_model, tmp_path, no_su
         )
         assert denied.returncode != 0  # token authentication is on: no token, no job API
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        stop_ray_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

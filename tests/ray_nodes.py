@@ -1,0 +1,26 @@
+"""Helpers of the tests that start their own Ray nodes with `ray start --block`."""
+
+import os
+import signal
+import socket
+import subprocess
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_ray_node(node: subprocess.Popen) -> None:
+    """Stop a `ray start --block` node (started in a session of its own) the way `ray stop` does: SIGTERM to the
+    `ray start` process, which stops its raylet first and then the rest (about 3 s). SIGTERM to the whole process
+    group instead killed the GCS under the raylet, which then waited about 30 s for it to come back."""
+    if node.poll() is not None:
+        return
+    node.send_signal(signal.SIGTERM)
+    try:
+        node.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()

@@ -56,16 +56,27 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def log_dir() -> Path:
+    """$HARNESS_LOG_DIR; else artifacts/logs under the storage root when that is a directory (a job's `--root`: the
+    job's own working directory is a temporary copy that Ray deletes); else ./artifacts/logs."""
+    from harness.store import ROOT_ENV, is_uri  # the store's errors come from this module
+
+    if os.environ.get(LOG_DIR_ENV):
+        return Path(os.environ[LOG_DIR_ENV])
+    root = os.environ.get(ROOT_ENV)
+    return Path(root).expanduser() / DEFAULT_LOG_DIR if root and not is_uri(root) else DEFAULT_LOG_DIR
+
+
 def new_log(kind: str) -> Path:
-    """A new log file's path under $HARNESS_LOG_DIR (or ./artifacts/logs), which is created if needed."""
-    directory = Path(os.environ.get(LOG_DIR_ENV) or DEFAULT_LOG_DIR)
+    """A new log file's path under `log_dir()`, which is created if needed."""
+    directory = log_dir()
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     return directory / f"{kind}-{stamp}-{os.getpid()}.log"
 
 
 def crash_log(exc: BaseException) -> Path:
-    """Write every traceback of `exc`'s chain to a new file under $HARNESS_LOG_DIR (or ./artifacts/logs)."""
+    """Write every traceback of `exc`'s chain to a new file under `log_dir()`."""
     path = new_log("harness")
     parts = ["".join(traceback.format_exception(link, chain=False)) for link in exception_chain(exc)]
     with path.open("x", encoding="utf-8") as handle:  # never overwrites an earlier log

@@ -269,7 +269,14 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path):
     script = _script(tmp_path, CRASHING_CLI)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(
-        [sys.executable, str(script), "wait"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, str(script), "wait"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Ctrl-C as in a terminal, also when the suite runs in the background of a shell without job control,
+        # whose commands inherit SIGINT ignored (Python then never raises KeyboardInterrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as process:
         assert process.stdout.readline() == b"ready\n"
         process.send_signal(signal.SIGINT)

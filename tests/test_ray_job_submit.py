@@ -106,6 +106,8 @@ def test_readme_ray_job_submit_commands_run_verbatim(tiny_model, tmp_path, no_su
             assert run.returncode == 0, f"{script}: " + run.stdout[-4000:] + run.stderr[-4000:]
             assert "succeeded" in run.stdout + run.stderr and "tracking off" not in run.stdout + run.stderr
 
+        for script in ("train", "demo", "eval"):  # each job's full log is under the root, not in its code's copy
+            assert list((repo / "artifacts" / "logs").glob(f"{script}-*.log")), script
         runs = repo / "artifacts" / "runs"
         for name in ("behaviorsft-tiny", "sft-tiny"):
             assert (runs / name / "final" / "config.json").exists()

@@ -270,6 +270,8 @@ class AgentPredictor:
 
 def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
     """The split's tasks (the first `max_tasks` by task_id), materialized in parts, and their ids."""
+    from ray.data.expressions import col
+
     split = cfg.split
     with out.local_dir() as scratch:  # the rejects and clean copy of skipped bad rows land in `out`
         tasks = load_dataset(
@@ -279,13 +281,13 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
             rejects_path=scratch / "rejects.jsonl",
             clean_dir=scratch,
         )
-        tasks = tasks.filter(lambda row: row["split"] == split).materialize()
+        tasks = tasks.filter(expr=col("split") == split).materialize()
     ids = sorted(tasks.select_columns(["task_id"]).to_pandas()["task_id"])
     if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
     if cfg.max_tasks and cfg.max_tasks < len(ids):
         chosen = frozenset(ids[: cfg.max_tasks])
-        tasks, ids = tasks.filter(lambda row: row["task_id"] in chosen), sorted(chosen)
+        tasks, ids = tasks.filter(expr=col("task_id").is_in(sorted(chosen))), sorted(chosen)
     tasks = tasks.repartition(target_num_rows_per_block=cfg.part_size, strict=True).materialize()
     return tasks, set(ids)
 
@@ -317,6 +319,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     `failures` and the others still finish.
     """
     import ray
+    from ray.data.expressions import col
 
     taxonomy = load_taxonomy(cfg.taxonomy)
     dataset_id = fingerprint(cfg.data)
@@ -333,7 +336,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         if store.finished:
             continue
         done = store.done_ids()
-        todo = tasks if not done else tasks.filter(lambda row, done=frozenset(done): row["task_id"] not in done)
+        todo = tasks if not done else tasks.filter(expr=col("task_id").not_in(sorted(done)))
         remaining[agent.spec.name] = len(planned - done)
         if agent.spec.backend == "vllm":
             from harness.vllm_backend import vllm_pipeline

@@ -286,8 +286,8 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
     if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
     if cfg.max_tasks and cfg.max_tasks < len(ids):
-        chosen = frozenset(ids[: cfg.max_tasks])
-        tasks, ids = tasks.filter(expr=col("task_id").is_in(sorted(chosen))), sorted(chosen)
+        ids = ids[: cfg.max_tasks]
+        tasks = tasks.filter(expr=col("task_id").is_in(ids))
     tasks = tasks.repartition(target_num_rows_per_block=cfg.part_size, strict=True).materialize()
     return tasks, set(ids)
 

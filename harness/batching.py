@@ -7,7 +7,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from harness.bench.io import load_dataset
+from harness.bench.io import PREP_CPUS, load_dataset
 from harness.bench.taxonomy import load_taxonomy
 from harness.config import build, to_dict
 from harness.errors import ConfigError
@@ -17,9 +17,6 @@ from harness.selection import DEFAULT_STRATEGY, Mode, agent_prompt, encode_promp
 from harness.train_config import TrainConfig
 
 BUCKET_BATCHES = 16  # length-bucketing window, in batches
-# CPU share of each data-preparation task and actor: light work, and concurrent sweep trials
-# must not deadlock with each one holding a whole core for its read while waiting for its encoder.
-PREP_CPUS = 0.25
 
 
 class Encode:
@@ -52,27 +49,29 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    tasks = load_dataset(
-        cfg.data,
-        load_taxonomy(cfg.taxonomy),
-        skip_bad_rows=cfg.skip_bad_rows,
-        rejects_path=cfg.run_dir / "rejects.jsonl",
-        clean_dir=cfg.run_dir,
-        num_cpus=PREP_CPUS,
-    )
     encode = {
         "fn_constructor_kwargs": {"cfg": to_dict(cfg)},
         "compute": ActorPoolStrategy(size=1),
         "batch_size": 64,
         "num_cpus": PREP_CPUS,
     }
-    train = tasks.filter(expr=col("split") == "train")
-    if cfg.max_train_tasks:
-        train = train.limit(cfg.max_train_tasks)
-    dev = tasks.filter(expr=col("split") == "dev").limit(cfg.eval_max_tasks)
-    # One pass through one encoder (its start-up, a process loading the tokenizer, is most of this step's time).
-    encoded = train.union(dev).map_batches(Encode, **encode).materialize()
-    train, dev = (encoded.filter(expr=col("split") == split).materialize() for split in ("train", "dev"))
+    with cfg.run_dir.local_dir() as scratch:  # the rejects and clean copy of skipped bad rows land in the run
+        tasks = load_dataset(
+            cfg.data,
+            load_taxonomy(cfg.taxonomy),
+            skip_bad_rows=cfg.skip_bad_rows,
+            rejects_path=scratch / "rejects.jsonl",
+            clean_dir=scratch,
+        )
+        train = tasks.filter(expr=col("split") == "train", num_cpus=PREP_CPUS)
+        if cfg.max_train_tasks:
+            train = train.limit(cfg.max_train_tasks)
+        dev = tasks.filter(expr=col("split") == "dev", num_cpus=PREP_CPUS).limit(cfg.eval_max_tasks)
+        # One pass through one encoder (its start-up, a process loading the tokenizer, is most of this step's time).
+        encoded = train.union(dev).map_batches(Encode, **encode).materialize()
+    train, dev = (
+        encoded.filter(expr=col("split") == split, num_cpus=PREP_CPUS).materialize() for split in ("train", "dev")
+    )
     rows = train.count()
     if rows < cfg.num_workers:
         raise ConfigError(f"{cfg.data}: {rows} train task(s) for {cfg.num_workers} workers")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError, crash_message, exception_chain
-from harness.store import resolve, rooted
+from harness.store import location, rooted
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -260,7 +260,9 @@ def score(
 
 @board_app.command("show")
 def leaderboard_show(
-    path: Annotated[Path, typer.Option(help="The leaderboard Parquet file.")] = Path("results/leaderboard.parquet"),
+    path: Annotated[str, typer.Option(help="The leaderboard Parquet file (a path or a URI).")] = (
+        "results/leaderboard.parquet"
+    ),
     fmt: Annotated[str, typer.Option("--format", help="table, md, csv or html.")] = "table",
     out: Annotated[Path | None, typer.Option(help="Write the export here instead of stdout.")] = None,
     dataset: Annotated[
@@ -271,15 +273,15 @@ def leaderboard_show(
     """Print the ranking of one dataset and split (Macro F1 overall and hard, per-type shares), or export it."""
     from harness import leaderboard
 
-    path = Path(resolve(path))
-    if not path.exists():
-        raise HarnessError(f"{path}: no leaderboard yet (run `harness eval` first)")
+    board = location(path, "--path")
+    if not board.exists():
+        raise HarnessError(f"{board}: no leaderboard yet (run `harness eval` first)")
     try:
-        table = leaderboard.ranking(leaderboard.read(path), dataset=dataset, split=split)
+        table = leaderboard.ranking(leaderboard.read(board), dataset=dataset, split=split)
     except ValueError as exc:
-        raise HarnessError(f"{path}: {exc}") from None
+        raise HarnessError(f"{board}: {exc}") from None
     if fmt == "table":
-        print_frame(table, title=f"leaderboard: {path}, {leaderboard.title(table)}")
+        print_frame(table, title=f"leaderboard: {board}, {leaderboard.title(table)}")
         return
     if fmt not in ("md", "csv", "html"):
         raise HarnessError(f"--format: {fmt!r} is not one of table, md, csv, html")
@@ -292,12 +294,12 @@ def leaderboard_show(
 
 @app.command()
 def report(
-    board: Annotated[Path, typer.Option("--leaderboard", help="The leaderboard Parquet file.")] = Path(
+    board: Annotated[str, typer.Option("--leaderboard", help="The leaderboard Parquet file (a path or a URI).")] = (
         "results/leaderboard.parquet"
     ),
-    predictions: Annotated[Path, typer.Option(help="Directory of <agent>-<run id>.parquet predictions.")] = Path(
-        "artifacts/eval"
-    ),
+    predictions: Annotated[
+        str, typer.Option(help="Directory of <agent>-<run id>.parquet predictions (a path or a URI).")
+    ] = "artifacts/eval",
     data: Annotated[
         Path, typer.Option(help="The BehaviorBench data (file or directory) the agents were evaluated on.")
     ] = Path("artifacts/data/tasks.jsonl"),

@@ -22,11 +22,12 @@ from typing import Any
 import pandas as pd
 
 from harness import leaderboard
-from harness.bench.io import fingerprint, load_dataset
+from harness.bench.io import PREP_CPUS, fingerprint, load_dataset
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
+from harness.cluster import check_reachable
 from harness.errors import ConfigError, HarnessError
 from harness.metrics import score_agents
-from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer
+from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer, local_copy
 from harness.names import name_problem
 from harness.predictions import PREDICTION_SCHEMA, PredictionStore
 from harness.selection import (
@@ -38,7 +39,7 @@ from harness.selection import (
     parse_mode,
     parse_strategy,
 )
-from harness.store import Location, local_path, location, model_path
+from harness.store import Location, local_path, location, model_path, model_stamp
 from harness.tokens import TokenDesign
 from harness.tracking import TrackingSettings, record_evaluation
 
@@ -123,14 +124,6 @@ def resolve_model(reference: str, runs_dir: str | Path) -> str:
     return model_path(reference, runs_dir)
 
 
-def _model_stamp(path: str) -> str:
-    """What identifies a model's weights: file sizes and times of a local directory, or the hub id."""
-    directory = Path(path)
-    if not directory.is_dir():
-        return path
-    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(directory.iterdir()))
-
-
 @dataclass(frozen=True)
 class ResolvedAgent:
     spec: AgentSpec
@@ -165,7 +158,7 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list
             [
                 {**agent, "design": asdict(design) if design else None, "replicas": None, "num_cpus": None},
                 path,
-                _model_stamp(path),
+                model_stamp(path),
                 dataset_id,
                 taxonomy_id,
                 cfg.split,
@@ -209,8 +202,9 @@ class AgentPredictor:
 
         spec, taxonomy = self.agent.spec, load_taxonomy(self.cfg.taxonomy)
         use_gpu = spec.num_gpus > 0 and torch.cuda.is_available()
-        tokenizer = load_tokenizer(self.agent.model_path, spec.trust_remote_code)
-        settings = ModelSettings(self.agent.model_path, spec.dtype, spec.trust_remote_code)
+        path = local_copy(self.agent.model_path)
+        tokenizer = load_tokenizer(path, spec.trust_remote_code)
+        settings = ModelSettings(path, spec.dtype, spec.trust_remote_code)
         model = load_model(settings, use_gpu).to("cuda" if use_gpu else "cpu").eval()
         design = self.agent.design
         if design is not None and design.apply(tokenizer, model, taxonomy):
@@ -281,13 +275,13 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
             rejects_path=scratch / "rejects.jsonl",
             clean_dir=scratch,
         )
-        tasks = tasks.filter(expr=col("split") == split).materialize()
+        tasks = tasks.filter(expr=col("split") == split, num_cpus=PREP_CPUS).materialize()
     ids = sorted(tasks.select_columns(["task_id"]).to_pandas()["task_id"])
     if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
     if cfg.max_tasks and cfg.max_tasks < len(ids):
         ids = ids[: cfg.max_tasks]
-        tasks = tasks.filter(expr=col("task_id").is_in(ids))
+        tasks = tasks.filter(expr=col("task_id").is_in(ids), num_cpus=PREP_CPUS)
     tasks = tasks.repartition(target_num_rows_per_block=cfg.part_size, strict=True).materialize()
     return tasks, set(ids)
 
@@ -328,6 +322,8 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     stores = {a.spec.name: PredictionStore(out, a.key) for a in agents}
     if not ray.is_initialized():
         ray.init()
+    models = {f"agent {a.spec.name}: model": a.model_path for a in agents}
+    check_reachable({"data": cfg.data, "taxonomy": cfg.taxonomy, **models})
     tasks, planned = _planned_tasks(cfg, taxonomy, out)
 
     pipelines, remaining = [], {}
@@ -336,7 +332,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         if store.finished:
             continue
         done = store.done_ids()
-        todo = tasks if not done else tasks.filter(expr=col("task_id").not_in(sorted(done)))
+        todo = tasks if not done else tasks.filter(expr=col("task_id").not_in(sorted(done)), num_cpus=PREP_CPUS)
         remaining[agent.spec.name] = len(planned - done)
         if agent.spec.backend == "vllm":
             from harness.vllm_backend import vllm_pipeline

@@ -21,6 +21,7 @@ from harness.errors import HarnessError
 from harness.files import write_text
 from harness.metrics import SHARE_METRICS, check_predictions, read_table
 from harness.predictions import PREDICTION_SCHEMA
+from harness.store import Location, location
 
 AGENT_COLOURS = (  # Tableau 10: one per agent in ranking order, repeated after ten
     "#4e79a7",
@@ -66,9 +67,9 @@ class Report:
     ranking: pd.DataFrame
     rows: dict[str, pd.DataFrame]  # agent -> its latest run's leaderboard rows
     predictions: dict[str, pd.DataFrame]  # agent -> that run's predictions
-    files: dict[str, Path]  # agent -> its predictions file
+    files: dict[str, Location]  # agent -> its predictions file
     tasks: pd.DataFrame  # the split's tasks from the data file, indexed by task_id
-    source: Path  # the leaderboard file
+    source: Location  # the leaderboard file
 
 
 def _fmt(value: float) -> str:
@@ -97,7 +98,7 @@ def _text(value: object) -> str:
     return "" if value is None or pd.isna(value) else str(value)
 
 
-def read_predictions(path: Path) -> pd.DataFrame:
+def read_predictions(path: Location) -> pd.DataFrame:
     """One agent run's predictions; HarnessError naming `path` when it is missing or not a predictions file."""
     if not path.exists():
         raise HarnessError(f"{path}: no such predictions file (the leaderboard's latest run of this agent)")
@@ -113,14 +114,16 @@ def read_predictions(path: Path) -> pd.DataFrame:
 
 
 def load(
-    board: Path,
-    predictions_dir: Path,
+    board_path: str | Path,
+    predictions_path: str | Path,
     data: Path,
     dataset: str | None = None,
     split: str | None = None,
     taxonomy: Path | None = None,
 ) -> Report:
-    """Read what the page shows; every missing or unreadable input raises a one-line HarnessError naming it."""
+    """Read what the page shows (the leaderboard and predictions may be objects in a bucket); every missing or
+    unreadable input raises a one-line HarnessError naming it."""
+    board, predictions_dir = location(board_path, "--leaderboard"), location(predictions_path, "--predictions")
     if not board.exists():
         raise HarnessError(f"{board}: no leaderboard yet (run `harness eval` first)")
     frame = leaderboard.read(board)
@@ -140,7 +143,7 @@ def load(
     chosen = frame[(frame["dataset"] == dataset) & (frame["split"] == split)]
     runs = chosen.sort_values("timestamp", kind="stable").groupby("agent")["run_id"].last()  # as in ranking
     rows = {agent: chosen[(chosen["agent"] == agent) & (chosen["run_id"] == runs[agent])] for agent in ranking.agent}
-    files = {agent: predictions_dir / f"{agent}-{runs[agent]}.parquet" for agent in ranking.agent}
+    files = {agent: predictions_dir.child(f"{agent}-{runs[agent]}.parquet") for agent in ranking.agent}
     predictions = {agent: read_predictions(path) for agent, path in files.items()}
     # Rows that fail validation are skipped, as an evaluation with skip_bad_rows did: none of them was predicted.
     tasks = load_tasks(data, load_taxonomy(taxonomy), skip_bad_rows=True, split=split)

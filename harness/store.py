@@ -20,7 +20,9 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,6 +109,41 @@ class Location:
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
 
+    def mtime_ns(self) -> int | None:
+        """When this file last changed, or None when there is none."""
+        info = self.fs.get_file_info(self.path)
+        return None if info.type == pafs.FileType.NotFound else info.mtime_ns
+
+    def delete(self) -> None:
+        """Remove this file if it exists."""
+        if self.fs.get_file_info(self.path).type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def has_dir(self, pattern: str) -> bool:
+        """Whether a directory directly under this one has a name matching the glob `pattern`."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return any(i.type == pafs.FileType.Directory and fnmatch.fnmatchcase(i.base_name, pattern) for i in infos)
+
+    def stamp(self) -> str:
+        """What identifies the files under this directory: their paths, sizes and times of last change."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        files = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+        return ";".join(f"{path.removeprefix(self.path)}:{size}:{mtime}" for path, size, mtime in files)
+
+    def put_dir(self, source: Path) -> None:
+        """Make this directory a copy of the local directory `source`, replacing what it held. Locally the copy
+        is renamed into place; in an object store the files are uploaded one by one, so a reader must wait for a
+        marker written after (training writes `final_metrics.json` after its `final/` model)."""
+        if self.local:
+            target = Path(self.path)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            shutil.copytree(source, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.replace(target)
+            return
+        self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
+        pafs.copy_files(str(source), self.path, destination_filesystem=self.fs)
+
     def files(self, pattern: str) -> list[Location]:
         """The files directly under this directory whose names match the glob `pattern`, by name."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
@@ -160,9 +197,10 @@ def location(path: str | Path, key: str) -> Location:
     return Location(text.rstrip("/"), fs, inner.rstrip("/"))
 
 
-def run_dir(runs_dir: str | Path, name: str) -> Path:
-    """Where training run `name` keeps its checkpoints, config and `final` model."""
-    return local_path(runs_dir, "runs_dir") / check_name(name, "run name")
+def run_dir(runs_dir: str | Path, name: str) -> Location:
+    """Where training run `name` keeps its checkpoints, config and `final` model: a directory, or a prefix of
+    an object store."""
+    return location(runs_dir, "storage_path").child(check_name(name, "run name"))
 
 
 def sweep_dir(runs_dir: str | Path, name: str) -> Path:
@@ -176,10 +214,10 @@ def model_path(reference: str, runs_dir: str | Path) -> str:
     from harness.model import local_or_hub
 
     if reference.startswith("run:"):
-        path = run_dir(runs_dir, check_name(reference[4:], f"model {reference}")) / "final"
-        if not (path / "config.json").exists():
-            raise ConfigError(f"model {reference}: no finished training run at {path}")
-        return str(path)
+        final = run_dir(runs_dir, check_name(reference[4:], f"model {reference}")).child("final")
+        if not final.child("config.json").exists():
+            raise ConfigError(f"model {reference}: no finished training run at {final}")
+        return str(final)
     if reference.startswith("sweep:"):
         parts = reference.split(":")
         if len(parts) != 3 or parts[2] != "best":
@@ -192,6 +230,17 @@ def model_path(reference: str, runs_dir: str | Path) -> str:
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():
         raise ConfigError(f"model {reference}: {path} is not a Hugging Face model directory (no config.json)")
     return path
+
+
+def model_stamp(path: str) -> str:
+    """What identifies a model's weights: its files' sizes and times (a local directory, or a directory in an
+    object store), or else the hub id."""
+    if is_uri(path):
+        return location(path, "model").stamp()
+    directory = Path(path)
+    if not directory.is_dir():
+        return path
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(directory.iterdir()))
 
 
 def looks_local(reference: str) -> bool:

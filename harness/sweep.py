@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from harness import store
+from harness.cluster import check_reachable
 from harness.config import build, get_dotted, set_dotted, to_dict
 from harness.errors import ConfigError
 from harness.files import write_parquet, write_text
@@ -196,6 +197,7 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
     init_ray(cfg.train.use_gpu)
     directory = cfg.directory
     directory.mkdir(parents=True, exist_ok=True)
+    check_reachable({"runs_dir": str(directory)})  # Tune keeps its experiment there; each trial checks the rest
     # Tune runs trials in their own directories: resolve local paths here, on the driver. The trials are
     # tracked beside them, in experiment sweep-<name> unless one is set.
     tracking = replace(cfg.train.tracking, experiment=cfg.train.tracking.experiment or f"sweep-{cfg.name}")

@@ -133,8 +133,11 @@ class TokenDesign:
 
     @classmethod
     def load(cls, directory: str | Path) -> TokenDesign | None:
-        path = Path(directory, DESIGN_FILE)
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        """The design saved in a model directory (a local path or a storage URI), or None."""
+        from harness.store import location
+
+        saved = location(directory, "model").child(DESIGN_FILE)
+        return cls(**json.loads(saved.read_text())) if saved.exists() else None
 
 
 def _describe(taxonomy: Taxonomy, granularity: str, label: str) -> str:

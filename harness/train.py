@@ -9,7 +9,6 @@ checkpoint) and `train` (epochs of length-bucketed batches, `validate` on dev, `
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import threading
 import time
@@ -23,13 +22,13 @@ import yaml
 
 from harness.batching import Encode, batches_per_epoch, bucketed_batches, pad_batch, prepare_datasets
 from harness.bench.taxonomy import load_taxonomy
-from harness.cluster import init_ray, prepare_deepspeed
+from harness.cluster import check_reachable, init_ray, prepare_deepspeed
 from harness.config import build, to_dict
 from harness.errors import ConfigError
-from harness.files import write_text
 from harness.model import load_model, load_tokenizer, wrap_lora
 from harness.run_record import peak_bf16_flops, run_record, save_record
 from harness.selection import Mode, Selector, Strategy
+from harness.store import Location
 from harness.tracking import NoTracker, Tracker, open_run
 from harness.train_config import CONFIG_FILE, DeepSpeedSettings, TrainConfig, deepspeed_config, differing_keys
 
@@ -62,8 +61,8 @@ TrainProgress = Callable[[str, int, int, dict[str, float]], None]
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    final_model: Path
+    run_dir: Location
+    final_model: Location
     metrics: dict[str, Any]
 
 
@@ -120,6 +119,7 @@ class BehaviorSFTRecipe:
         self.latest_dev: dict[str, float] = {}
         self.metrics: dict[str, Any] = {}  # the latest window's metrics, carried by the next checkpoint's report
         self.window = _Window()
+        self.preemption_saved = False  # a just-in-time checkpoint was taken on a preemption notice
 
     def setup(self) -> None:
         """The model with the token design (and LoRA) under `deepspeed.initialize`, the data shards, the tracking
@@ -167,9 +167,9 @@ class BehaviorSFTRecipe:
             "global_batch_size": cfg.batch_size * cfg.gradient_accumulation * self.world,
         }
         record = run_record(batch, {"seed": cfg.seed})
-        save_record(cfg.run_dir / RECORD_FILE, record)
+        save_record(cfg.run_dir.child(RECORD_FILE), record)
         params = {**to_dict(cfg), "design": {**to_dict(cfg.design), "name": cfg.design.name}}
-        return open_run(cfg.tracking, "train", cfg.run_name, cfg.run_dir / TRACKING_FILE, params, record)
+        return open_run(cfg.tracking, "train", cfg.run_name, cfg.run_dir.child(TRACKING_FILE), params, record)
 
     def resume(self) -> None:
         """Continue from the run's latest checkpoint, if any: DeepSpeed state and this recipe's progress."""
@@ -240,7 +240,7 @@ class BehaviorSFTRecipe:
             name = f"checkpoint_epoch{self.state['epoch']:03d}_step{self.state['global_step']:07d}"
             self._report(metrics, ray.train.Checkpoint.from_directory(tmp), name)
         if final:
-            self.tracker.set_tags({"final_model": str(cfg.run_dir / "final")})  # where the driver exports it
+            self.tracker.set_tags({"final_model": str(cfg.run_dir.child("final"))})  # where the driver exports it
             self.tracker.log_json("final_metrics.json", metrics)
             self.tracker.finish()
 
@@ -252,7 +252,7 @@ class BehaviorSFTRecipe:
         if self.rank == 0:
             numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             progress = {"step": self.state["global_step"], "total": self.total_steps, "metrics": numbers}
-            write_text(self.cfg.run_dir / PROGRESS_FILE, json.dumps(progress))
+            self.cfg.run_dir.child(PROGRESS_FILE).write_text(json.dumps(progress))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     def train(self) -> None:
@@ -296,12 +296,31 @@ class BehaviorSFTRecipe:
             last = state["batch_in_epoch"] == self.steps_per_epoch and epoch == cfg.epochs - 1
             checkpoint_now = bool(cfg.checkpoint_every) and state["global_step"] % cfg.checkpoint_every == 0
             checkpoint_now = checkpoint_now and not last  # the last step's checkpoint is the final one
-            if state["global_step"] % cfg.log_every == 0 or last:
+            reporting = state["global_step"] % cfg.log_every == 0
+            if reporting and not checkpoint_now and not last and self._preempted():
+                checkpoint_now = True  # just in time, before the node is reclaimed
+            if reporting or last:
                 self.metrics = self._window_metrics(epoch)
                 if not checkpoint_now and not last:  # a checkpoint's report carries these metrics
                     self._report({**self.metrics, **self.latest_dev})
             if checkpoint_now:
                 self.save(self.metrics, final=False)
+
+    def _preempted(self) -> bool:
+        """Whether Ray Train has a preemption notice for a node of this run (a spot node about to be reclaimed),
+        the first time it has one. Every worker asks at the same steps: the call is a barrier across them."""
+        import ray.train
+
+        if self.preemption_saved:
+            return False
+        notice = ray.train.get_preemption_info()
+        if notice is None:
+            return False
+        self.preemption_saved = True
+        if self.rank == 0:
+            nodes = ", ".join(node[:8] for node in notice.preempted_node_ids)
+            print(f"[harness] preemption notice for node {nodes}: checkpointing at step {self.state['global_step']}")
+        return True
 
     def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.cfg.behavior_loss_weight == 1.0:
@@ -340,20 +359,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _watched(progress_file: Path, name: str, progress: TrainProgress | None) -> Iterator[None]:
+def _watched(progress_file: Location, name: str, progress: TrainProgress | None) -> Iterator[None]:
     """While the block runs, call `progress` with each new report rank 0 writes to `progress_file`."""
     if progress is None:
         yield
         return
-    done, seen = threading.Event(), 0.0
+    done, seen = threading.Event(), 0
 
     def poll() -> None:
         nonlocal seen
-        try:
-            changed = progress_file.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if changed != seen:
+        changed = progress_file.mtime_ns()
+        if changed is not None and changed != seen:
             seen = changed
             report = json.loads(progress_file.read_text())
             progress(name, report["step"], report["total"], report["metrics"])
@@ -362,7 +378,7 @@ def _watched(progress_file: Path, name: str, progress: TrainProgress | None) -> 
         while not done.wait(2.0):
             poll()
 
-    progress_file.unlink(missing_ok=True)  # an earlier attempt's last report is not this one's progress
+    progress_file.delete()  # an earlier attempt's last report is not this one's progress
     watcher = threading.Thread(target=watch, name=f"progress-{name}", daemon=True)
     watcher.start()
     try:
@@ -385,8 +401,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgre
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = cfg.resolved()
-    final, metrics_file, saved = cfg.run_dir / "final", cfg.run_dir / "final_metrics.json", cfg.run_dir / CONFIG_FILE
-    progressed = (final / "config.json").exists() or any(cfg.run_dir.glob("checkpoint_*"))
+    run_dir = cfg.run_dir
+    final, metrics_file, saved = run_dir.child("final"), run_dir.child("final_metrics.json"), run_dir.child(CONFIG_FILE)
+    progressed = final.child("config.json").exists() or run_dir.has_dir("checkpoint_*")
     if saved.exists() and progressed:
         differ = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
         if differ:
@@ -394,11 +411,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgre
                 f"run {cfg.run_name}: {saved} was made with another config ({', '.join(differ)} differ); "
                 "choose another run_name, or restore those values to resume or reuse it"
             )
-    if (final / "config.json").exists() and metrics_file.exists():
-        print(f"[harness] run {cfg.run_name} already finished: reusing {final} (delete {cfg.run_dir} to retrain)")
-        return TrainResult(cfg.run_dir, final, json.loads(metrics_file.read_text()))
+    if final.child("config.json").exists() and metrics_file.exists():
+        print(f"[harness] run {cfg.run_name} already finished: reusing {final} (delete {run_dir} to retrain)")
+        return TrainResult(run_dir, final, json.loads(metrics_file.read_text()))
     init_ray(cfg.use_gpu)
-    write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    reads = {"data": cfg.data, "taxonomy": cfg.taxonomy, "model.name_or_path": cfg.model.name_or_path}
+    check_reachable({"storage_path": cfg.storage_path, **reads})
     datasets, rows = prepare_datasets(cfg)
     steps_per_epoch = batches_per_epoch(rows // cfg.num_workers, cfg.batch_size)
     score = ("dev_macro_f1", "max") if cfg.mode is Mode.BEHAVIORSFT else ("dev_loss", "min")
@@ -415,23 +434,20 @@ def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgre
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.max_failures, max_preemption_failures=cfg.max_preemption_failures
+            ),
             callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    with _watched(cfg.run_dir / PROGRESS_FILE, cfg.run_name, progress):
+    with _watched(run_dir.child(PROGRESS_FILE), cfg.run_name, progress):
         result = trainer.fit()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as directory:
-        source = Path(directory) / ("merged" if cfg.lora.enabled else "model")
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
+        final.put_dir(Path(directory) / ("merged" if cfg.lora.enabled else "model"))
     metrics = dict(result.metrics or {})
-    write_text(metrics_file, json.dumps(metrics, indent=2, default=str) + "\n")
-    return TrainResult(cfg.run_dir, final, metrics)
+    metrics_file.write_text(json.dumps(metrics, indent=2, default=str) + "\n")  # last: marks the run finished
+    return TrainResult(run_dir, final, metrics)

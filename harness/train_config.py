@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from harness import store
@@ -16,7 +15,15 @@ from harness.tracking import TrackingSettings, flatten
 TRAIN_MODES = (Mode.BEHAVIORSFT, Mode.SFT)
 # Sections and keys that change how a run executes, where it is kept or where it is tracked, not what it
 # learns: a finished run is reused when every other key matches.
-RUNTIME_KEYS = ("storage_path", "max_failures", "keep_checkpoints", "log_every", "resources_per_worker", "tracking")
+RUNTIME_KEYS = (
+    "storage_path",
+    "max_failures",
+    "max_preemption_failures",
+    "keep_checkpoints",
+    "log_every",
+    "resources_per_worker",
+    "tracking",
+)
 CONFIG_FILE = "train_config.yaml"
 
 
@@ -58,7 +65,8 @@ class TrainConfig:
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     storage_path: str = "artifacts/runs"
-    max_failures: int = 1
+    max_failures: int = 1  # worker errors to restart from the last checkpoint after; -1: any number
+    max_preemption_failures: int = -1  # node preemptions (spot reclaims) to restart after, counted apart; -1: any
 
     def __post_init__(self) -> None:
         problem = name_problem(self.run_name)
@@ -80,7 +88,7 @@ class TrainConfig:
         storage = store.resolve(self.storage_path)
         return replace(
             self,
-            data=store.resolve(self.data),
+            data=str(store.local_path(self.data, "data")),
             taxonomy=store.resolve(self.taxonomy) if self.taxonomy else None,
             storage_path=storage,
             model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path)),
@@ -88,7 +96,7 @@ class TrainConfig:
         )
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> store.Location:
         return store.run_dir(self.storage_path, self.run_name)
 
 

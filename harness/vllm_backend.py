@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.bench.taxonomy import load_taxonomy
 from harness.errors import ConfigError
-from harness.model import load_tokenizer
+from harness.model import load_tokenizer, local_copy
 from harness.selection import (
     Selection,
     Strategy,
@@ -84,7 +84,7 @@ class PromptEncoder:
 
     def __init__(self, agent: ResolvedAgent, cfg: EvalConfig, params: dict[str, Any]):
         self.spec, self.design, self.taxonomy = agent.spec, agent.design, load_taxonomy(cfg.taxonomy)
-        self.tokenizer = load_tokenizer(agent.model_path, agent.spec.trust_remote_code)
+        self.tokenizer = load_tokenizer(local_copy(agent.model_path), agent.spec.trust_remote_code)
         self.template_sha256 = chat_template_sha256(self.tokenizer)
         self.params, self.max_tokens, self.strategy = params, cfg.max_prompt_tokens, Strategy(agent.spec.strategy)
 
@@ -134,7 +134,7 @@ def vllm_pipeline(tasks: ray.data.Dataset, agent: ResolvedAgent, cfg: EvalConfig
 
     spec, taxonomy = agent.spec, load_taxonomy(cfg.taxonomy)
     strategy = Strategy(spec.strategy)
-    tokenizer = load_tokenizer(agent.model_path, spec.trust_remote_code)
+    tokenizer = load_tokenizer(local_copy(agent.model_path), spec.trust_remote_code)
     labels, ids = scored_labels(tokenizer, taxonomy, strategy, agent.design)
     label_ids = single_token_ids(spec.name, labels, ids)
     behaviors = {label: label_behavior(taxonomy, strategy, agent.design, label) for label in labels}

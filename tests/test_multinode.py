@@ -33,12 +33,11 @@ from torch.utils.cpp_extension import get_default_build_root
 
 from harness import config, leaderboard, store
 from harness.bench import load_taxonomy
-from harness.evaluate import EvalConfig, evaluate
 from harness.model import ModelSettings, load_model, load_tokenizer, local_copy
 from harness.pipeline import CONFIGS, step_config, training_values
 from harness.predictions import PREDICTION_SCHEMA, PredictionStore
 from harness.selection import Mode
-from harness.sweep import SweepConfig, sweep
+from harness.sweep import SweepConfig
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig
 from harness.train_config import CONFIG_FILE
@@ -427,22 +426,21 @@ def test_training_on_node_b_lives_in_the_bucket_resumes_from_it_and_is_evaluated
     assert len(leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")) == len(board)
 
 
-def _written_since(root: Path, since: float) -> list[Path]:
-    """The files and directories under `root` changed since `since` (none when `root` is missing)."""
-    return [path for path in root.rglob("*") if path.stat().st_mtime >= since] if root.exists() else []
-
-
 @pytest.mark.slow
 def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_key_into_training(
     cluster, sample, tiny_model, tmp_path
 ):
-    """Two trials at once, each with one worker of one CPU: one on each node. Each trial's data preparation has
-    its own small share of CPU (`harness.bench.io.PREP_CPUS`), so neither waits for the other's worker."""
-    cfg = config.build(SweepConfig, sweep_values(sample, tiny_model, tmp_path))
+    """`harness sweep` on the cluster: two trials at once, each with one worker of one CPU, one on each node. Each
+    trial's data preparation has its own small share of CPU (`harness.bench.io.PREP_CPUS`), so neither waits for
+    the other's worker."""
+    values = sweep_values(sample, tiny_model, tmp_path)
+    sweep_config = tmp_path / "sweep.yaml"
+    sweep_config.write_text(yaml.safe_dump(values))
+    directory = config.build(SweepConfig, values).directory
     before = {a.actor_id for a in _actors(cluster, "RayTrainWorker")}
-    started = time.time()
-    table = sweep(cfg)
-    stored = pd.read_parquet(cfg.directory / "trials.parquet")
+    run = _cli("sweep", "--config", str(sweep_config), env=cluster.env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stored = pd.read_parquet(directory / "trials.parquet")
     assert len(stored) == 2 and set(stored.status) == {"finished"}
     assert sorted(stored["design.spelling"]) == ["special", "text"]
     assert stored.warmup_ratio.between(0.1, 0.3).all() and stored.warmup_ratio.nunique() == 2
@@ -452,45 +450,40 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
         assert (trained["design"]["spelling"], trained["warmup_ratio"]) == searched
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
     assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
-    assert table.trial_id.tolist() == stored.trial_id.tolist()
-    # Both trials trained at once on the 2 nodes' CPUs (a trial's driver reserves none, each one's worker one):
-    # the later trial's worker wrote its run record before the earlier trial finished.
-    runs = {trial: cfg.directory / "trials" / trial for trial in stored.trial_id}
+    # Both trials trained at once (a trial's driver reserves no CPU, each one's worker one): one worker on each
+    # node, and the later trial's worker wrote its run record before the earlier trial finished.
+    workers = [a for a in _actors(cluster, "RayTrainWorker") if a.actor_id not in before]
+    assert len(workers) == 2 and len({a.node_id for a in workers}) == 2
+    runs = {trial: directory / "trials" / trial for trial in stored.trial_id}
     began = {trial: (run / "run_record.json").stat().st_mtime for trial, run in runs.items()}
     first, second = sorted(began, key=began.get)
     assert began[second] < (runs[first] / "final_metrics.json").stat().st_mtime
-    workers = [a for a in _actors(cluster, "RayTrainWorker") if a.actor_id not in before]
-    assert len(workers) == 2 and len({a.node_id for a in workers}) == 2  # one on each node
-    tracked = cfg.directory / "mlruns"  # beside the trials, never in the working directory
+    tracked = directory / "mlruns"  # beside the trials, never in the working directory
     names = {path.read_text() for path in tracked.glob("*/*/tags/mlflow.runName")}
-    assert names == set(stored.trial_id) and not _written_since(Path.cwd() / "mlruns", started)
+    assert names == set(stored.trial_id) and not (tmp_path / "mlruns").exists()
     experiments = [path.read_text() for path in tracked.glob("*/meta.yaml")]
     assert sum("name: sweep-t" in meta for meta in experiments) == 1  # made once, before the concurrent trials
 
-    again = sweep(cfg)  # a restarted sweep restores instead of training again
-    assert sorted(again.trial_id) == sorted(stored.trial_id)
+    again = _cli("sweep", "--config", str(sweep_config), env=cluster.env, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert sorted(pd.read_parquet(directory / "trials.parquet").trial_id) == sorted(stored.trial_id)
+    assert len(_actors(cluster, "RayTrainWorker")) == len(before) + 2  # restored, not trained again
 
-    best = json.loads((cfg.directory / "best.json").read_text())
+    best = json.loads((directory / "best.json").read_text())
     assert best["searched"] == {"design.spelling": stored["design.spelling"][0], "warmup_ratio": stored.warmup_ratio[0]}
     for mode in (Mode.BEHAVIORSFT, Mode.SFT):  # what the main job trains after the sweep
         follow = step_config(TrainConfig, CONFIGS / "behaviorsft.yaml", training_values(mode, "after", best))
         assert follow.warmup_ratio == best["searched"]["warmup_ratio"] != TrainConfig().warmup_ratio
         assert follow.design.spelling == best["searched"]["design.spelling"] and follow.mode is mode
 
-    evaluation = config.build(
-        EvalConfig,
-        {
-            "data": str(sample),
-            "max_tasks": 16,
-            "bootstrap": 50,
-            "answers": False,
-            "runs_dir": str(tmp_path / "runs"),
-            "output_dir": str(tmp_path / "eval"),
-            "leaderboard": str(tmp_path / "lb.parquet"),
-            "agents": [{"name": "best-design", "model": "sweep:t:best", "mode": "behaviorsft", "num_cpus": 0.5}],
-        },
-    )
-    leaderboard.append(evaluation.leaderboard, evaluate(evaluation).metrics)
-    ranking = leaderboard.ranking(leaderboard.read(evaluation.leaderboard))
+    agents = [{"name": "best-design", "model": "sweep:t:best", "mode": "behaviorsft", "num_cpus": 0.5}]
+    eval_config = tmp_path / "eval.yaml"
+    board = tmp_path / "lb.parquet"
+    eval_values = {"data": str(sample), "max_tasks": 16, "bootstrap": 50, "answers": False, "agents": agents}
+    eval_values.update(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "eval"), leaderboard=str(board))
+    eval_config.write_text(yaml.safe_dump(eval_values))
+    evaluated = _cli("eval", "--config", str(eval_config), env=cluster.env, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    ranking = leaderboard.ranking(leaderboard.read(board))
     assert ranking.agent.tolist() == ["best-design"]
     assert ranking.design.iloc[0] == stored.design.iloc[0]

@@ -11,7 +11,7 @@ from harness.bench.io import PREP_CPUS, load_dataset
 from harness.bench.taxonomy import load_taxonomy
 from harness.config import build, to_dict
 from harness.errors import ConfigError
-from harness.model import load_tokenizer
+from harness.model import load_tokenizer, local_copy
 from harness.prompts import encode_example, target_text
 from harness.selection import DEFAULT_STRATEGY, Mode, agent_prompt, encode_prompt
 from harness.train_config import TrainConfig
@@ -25,7 +25,7 @@ class Encode:
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = build(TrainConfig, cfg)
         self.taxonomy = load_taxonomy(self.cfg.taxonomy)
-        self.tokenizer = load_tokenizer(self.cfg.model.name_or_path, self.cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(local_copy(self.cfg.model.name_or_path), self.cfg.model.trust_remote_code)
         self.cfg.design.add_to_tokenizer(self.tokenizer, self.taxonomy)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

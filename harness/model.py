@@ -89,7 +89,10 @@ def local_or_hub(name_or_path: str) -> str:
     on first use; a model named in `models_dir()` (`tiny-qwen2`, from `harness model make-tiny`); an existing local
     directory (relative to the storage root), made absolute; otherwise a hub id (`org/name`). A reference that can
     only be local (`artifacts/x`, `./x`, `a/b/c`, a bare name) and is missing is refused, never looked up on a hub.
-    A name wins over a directory of the same name in the current directory (write `./smollm2` for that)."""
+    A name wins over a directory of the same name in the current directory (write `./smollm2` for that). A storage
+    URI (`s3://bucket/models/x`) stays a URI: each node loads it through `local_copy`."""
+    if store.is_uri(name_or_path):
+        return name_or_path
     named = models_dir() / name_or_path
     if name_or_path in PACKAGED_MODELS:
         if not (named / "config.json").exists():

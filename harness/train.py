@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from harness.bench.taxonomy import load_taxonomy
 from harness.cluster import check_reachable, init_ray, prepare_deepspeed
 from harness.config import build, to_dict
 from harness.errors import ConfigError
-from harness.model import load_model, load_tokenizer, wrap_lora
+from harness.model import load_model, load_tokenizer, local_copy, wrap_lora
 from harness.run_record import peak_bf16_flops, run_record, save_record
 from harness.selection import Mode, Selector, Strategy
 from harness.store import Location
@@ -136,8 +136,9 @@ class BehaviorSFTRecipe:
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.resources_per_worker.get("CPU", 1))))
         self.taxonomy = load_taxonomy(cfg.taxonomy)
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        model = load_model(cfg.model, cfg.use_gpu)
+        source = local_copy(cfg.model.name_or_path)  # a model in a bucket: this node's copy
+        self.tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+        model = load_model(replace(cfg.model, name_or_path=source), cfg.use_gpu)
         new_rows = cfg.design.apply(self.tokenizer, model, self.taxonomy) if cfg.mode is Mode.BEHAVIORSFT else []
         model.config.use_cache = False
         if cfg.lora.enabled:

@@ -4,6 +4,9 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
+
+from torch.utils.cpp_extension import get_default_build_root
 
 
 def free_port() -> int:
@@ -25,3 +28,10 @@ def stop_ray_node(node: subprocess.Popen, grace_s: float = 10) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()
+
+
+def suite_build_cache() -> dict[str, str]:
+    """Environment for a test node or job in an empty HOME: the suite's cache root, where torch keeps DeepSpeed's
+    JIT-built CPU op (a minute to build). TORCH_EXTENSIONS_DIR would not do: torch builds into it without the
+    `py311_cpu` level it adds under the default root, so the op was built twice per suite."""
+    return {"XDG_CACHE_HOME": str(Path(get_default_build_root()).parent)}

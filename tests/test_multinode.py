@@ -29,7 +29,6 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from torch.utils.cpp_extension import get_default_build_root
 
 from harness import config, leaderboard, store
 from harness.bench import load_taxonomy
@@ -41,7 +40,7 @@ from harness.sweep import SweepConfig
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig
 from harness.train_config import CONFIG_FILE
-from tests.ray_nodes import free_port, stop_ray_node
+from tests.ray_nodes import free_port, stop_ray_node, suite_build_cache
 from tests.test_leaderboard import _rows
 from tests.test_sweep import sweep_values
 
@@ -125,6 +124,25 @@ def _registered(env: dict[str, str], run: str) -> bool:
         return False
 
 
+def test_a_model_in_the_bucket_is_downloaded_once_per_node_and_again_when_it_changes(
+    object_store, monkeypatch, tmp_path, tiny_model
+):
+    for key, value in object_store.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/models/tiny"
+    store.location(uri, "model").put_dir(tiny_model)
+    assert store.model_path(uri, tmp_path / "runs") == uri  # a URI stays a URI: never a hub id, never `./s3:`
+    first = Path(local_copy(uri))
+    assert first.parent == tmp_path / "cache" / "models"
+    assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in tiny_model.iterdir())
+    assert (first / "config.json").read_bytes() == (tiny_model / "config.json").read_bytes()
+    assert local_copy(uri) == str(first)  # cached: the same objects are not fetched again
+    store.location(uri, "model").child("config.json").write_bytes((tiny_model / "config.json").read_bytes())
+    assert local_copy(uri) != str(first)  # a changed object: a new key, fetched again
+    assert list(tmp_path.glob("s3*")) == []
+
+
 def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatch, tmp_path):
     for key, value in object_store.items():
         monkeypatch.setenv(key, value)
@@ -203,7 +221,7 @@ def cluster(object_store, tmp_path_factory) -> Iterator[Cluster]:
     head_only.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HARNESS_", "AWS_"))}
     env.update(object_store, HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}")
-    env["TORCH_EXTENSIONS_DIR"] = get_default_build_root()  # the suite's build of DeepSpeed's CPU op
+    env.update(suite_build_cache())
     isolate = os.geteuid() == 0
     # Node B's own mount namespace, with an empty tmpfs over `head_only`.
     hide = ("unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"')
@@ -214,7 +232,7 @@ def cluster(object_store, tmp_path_factory) -> Iterator[Cluster]:
         ports = [f"--port={port}", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"]
         head = ("--head", "--num-cpus=1", *ports, f"--temp-dir={temp_dir}")
         nodes.append(_ray_node(*head, env=env, log=base / "head.log"))
-        b = [f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node_b": 1}', f"--temp-dir={temp_dir}"]
+        b = (f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"node_b": 1}', f"--temp-dir={temp_dir}")
         prefix = (*hide, str(head_only)) if isolate else ()
         nodes.append(_ray_node(*b, env=env, log=base / "node_b.log", prefix=prefix))
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from torch.utils.cpp_extension import get_default_build_root
 
 from harness.bench.synth import write_sample
 from harness.bench.taxonomy import load_taxonomy
 from harness.model import add_behavior_tokens
 from harness.tokens import TokenDesign
-from tests.ray_nodes import free_port, stop_ray_node
+from tests.ray_nodes import free_port, stop_ray_node, suite_build_cache
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -65,8 +64,7 @@ def test_readme_ray_job_submit_commands_run_verbatim(tiny_model, tmp_path, no_su
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HARNESS_"))}
     env.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_AUTH_MODE="token")
-    # The suite's build of DeepSpeed's CPU op: in the empty HOME the workers would build it again (a minute).
-    env["TORCH_EXTENSIONS_DIR"] = get_default_build_root()
+    env.update(suite_build_cache())  # in the empty HOME the workers would build DeepSpeed's op again (a minute)
     # The README's recipe: a token where the cluster starts (a fresh HOME has none), then `ray start --head`;
     # free ports everywhere Ray has a fixed default, since another Ray instance may be running.
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)

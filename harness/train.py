@@ -405,7 +405,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgre
     run_dir = cfg.run_dir
     final, metrics_file, saved = run_dir.child("final"), run_dir.child("final_metrics.json"), run_dir.child(CONFIG_FILE)
     progressed = final.child("config.json").exists() or run_dir.has_dir("checkpoint_*")
-    if saved.exists() and progressed:
+    if progressed and not saved.exists():
+        raise ConfigError(
+            f"run {cfg.run_name}: {run_dir} holds a model or checkpoints but no {CONFIG_FILE}, so whether it was "
+            f"made with this config is unknown; choose another run_name, or delete {run_dir} to retrain"
+        )
+    if progressed:
         differ = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg))
         if differ:
             raise ConfigError(

@@ -26,6 +26,14 @@ def test_a_trained_run_is_not_reused_or_resumed_under_another_config(sample, tin
     with pytest.raises(ConfigError, match=r"run r: .* another config \(learning_rate differ\)"):
         train(changed)  # refused before Ray starts; log_every only changes how it runs
 
+    (run_dir / CONFIG_FILE).unlink()  # a run directory of unknown origin: its config cannot be compared
+    (run_dir / "final").mkdir()
+    (run_dir / "final" / "config.json").write_text("{}")
+    (run_dir / "final_metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"run r: {run_dir} holds a model or checkpoints but no {CONFIG_FILE}"):
+        train(cfg)  # neither reused nor resumed
+    assert not (run_dir / CONFIG_FILE).exists()
+
 
 def test_the_eval_run_id_covers_the_taxonomy_and_the_strategy(sample, tiny_model, tmp_path):
     agent = {"name": "a", "model": str(tiny_model), "mode": "zero_shot"}

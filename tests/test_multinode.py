@@ -7,9 +7,10 @@ in-process mock (moto and the like) would only fake the client side that pyarrow
 The harness reaches it as any S3 endpoint: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`.
 
 The cluster: a head and node B, each started with `ray start` as a process of its own. Node B alone has the
-custom resource `node_b`, which the training worker and the agents ask for, so that work runs there. Node B
-also runs in a mount namespace of its own where a directory of the head is an empty tmpfs: as on separate
-machines, a path in it is head-local, which the harness must refuse before any worker starts.
+custom resource `node_b`, which the agents ask for, so that they run there; each node has one CPU, so the two
+training workers of a run take one on each. Node B also runs in a mount namespace of its own where a directory of
+the head is an empty tmpfs: as on separate machines, a path in it is head-local, which the harness must refuse
+before any worker starts.
 """
 
 import json
@@ -48,7 +49,11 @@ BIN = Path(sys.executable).parent
 BUCKET = "bench"
 ACCESS_KEY, SECRET_KEY = "harness-test", "harness-test-secret"
 WEED_PORTS = ("master.port", "volume.port", "filer.port", "s3.port", "admin.port")
-TRAIN_TASKS = 96  # the LoRA run's: two epochs of 6 steps, checkpoints at steps 4, 8 and 12
+TRAIN_TASKS = 96  # the LoRA run's: 2 workers, 2 epochs of 6 steps of 8 rows each, checkpoints at steps 4, 8 and 12
+# That run unkilled (measured 2026-11-26, 2 CPU cores): dev loss 7.483 -> 7.158. Killed and resumed runs restore
+# every state from a checkpoint, but the order of a restarted shard's rows is not guaranteed, so "within noise" is
+# that loss plus a margin (a seventh of what the run learns).
+UNKILLED_DEV_LOSS, NOISE = 7.158, 0.05
 
 
 def _wait(ready, process: subprocess.Popen, what: str, log: Path, seconds: float = 180) -> None:
@@ -113,15 +118,16 @@ def _objects(env: dict[str, str], prefix: str) -> dict[str, int]:
     return {i.path.removeprefix(f"{BUCKET}/"): i.mtime_ns for i in infos if i.type == pafs.FileType.File}
 
 
-def _registered(env: dict[str, str], run: str) -> bool:
-    """Whether Ray Train has registered a checkpoint of the run under the bucket's key `run` (its snapshot names
-    the latest one), so that a run killed now resumes from it."""
+def _checkpointed_step(env: dict[str, str], run: str) -> int:
+    """The step of the latest checkpoint Ray Train has registered for the run under the bucket's key `run` (its
+    snapshot names it; 0 before the first), from which a run killed now resumes."""
     snapshot = f"{BUCKET}/{run}/checkpoint_manager_snapshot.json"
     try:
         with _s3(env).open_input_stream(snapshot) as stream:
-            return bool(json.loads(stream.read()).get("latest_checkpoint_result"))
+            latest = json.loads(stream.read()).get("latest_checkpoint_result") or {}
     except (OSError, json.JSONDecodeError):
-        return False
+        return 0
+    return int(latest.get("checkpoint_dir_name", "_step0").rsplit("_step", 1)[1])
 
 
 def test_a_model_in_the_bucket_is_downloaded_once_per_node_and_again_when_it_changes(
@@ -186,6 +192,7 @@ def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatc
 class Cluster:
     address: str  # the head's GCS address
     env: dict[str, str]  # a driver's environment: the nodes' own, with RAY_ADDRESS
+    head: str  # the head's node id
     node_b: str  # node B's id
     node_b_address: str  # and its IP address
     home: Path  # the nodes' HOME: node B's cache of downloaded models is under it
@@ -246,7 +253,9 @@ def cluster(object_store, tmp_path_factory) -> Iterator[Cluster]:
         _wait(lambda: node_b() is not None, nodes[1], "node_b", base / "node_b.log")
         driver = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "HARNESS_LOG_DIR": str(base / "logs")}
         (address,) = [n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_b()]
-        yield Cluster(f"127.0.0.1:{port}", driver, node_b(), address, home, head_only if isolate else None)
+        (head_id,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != node_b()]
+        hidden = head_only if isolate else None
+        yield Cluster(f"127.0.0.1:{port}", driver, head_id, node_b(), address, home, hidden)
     finally:
         ray.shutdown()
         for node in reversed(nodes):
@@ -309,13 +318,26 @@ def test_head_local_paths_are_refused_before_any_worker_starts(cluster, sample, 
     assert not _objects(cluster.env, "refused/eval")  # nothing evaluated
 
 
+def _alive_workers(cluster: Cluster) -> list:
+    return [a for a in _actors(cluster, "RayTrainWorker") if a.state == "ALIVE"]
+
+
+def _wait_for_checkpoint(env: dict[str, str], run: subprocess.Popen, step: int, log: Path) -> None:
+    deadline = time.time() + 300
+    while _checkpointed_step(env, "runs/lora") < step:
+        assert run.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_training_on_node_b_lives_in_the_bucket_resumes_from_it_and_is_evaluated_from_it(
+def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_evaluated_from_it(
     cluster, object_store, sample, tiny_model, tmp_path, monkeypatch
 ):
-    """A LoRA BehaviorSFT run whose worker runs on node B and whose storage is the bucket: killed with its driver
-    after a checkpoint, it resumes from the bucket; its final model lands there, and an evaluation on node B takes
-    it as `run:lora` from there. A killed evaluation resumes too."""
+    """A LoRA BehaviorSFT run with ZeRO-2 over two workers, one on each node, whose storage is the bucket. Its
+    worker on node B is SIGKILLed after the first checkpoint: `FailureConfig` restarts the worker group from the
+    checkpoint in the bucket. Its driver is killed after a later one: the same command resumes from the bucket.
+    The run ends with the exact step count and a dev loss like an unkilled run's; its final model lands in the
+    bucket, and an evaluation on node B takes it as `run:lora` from there. A killed evaluation resumes too."""
     from peft import PeftModel
     from ray.train import Checkpoint
     from transformers import AutoModelForCausalLM
@@ -325,27 +347,26 @@ def test_training_on_node_b_lives_in_the_bucket_resumes_from_it_and_is_evaluated
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     runs = f"s3://{BUCKET}/runs"
     train = [
-        "--verbose",  # the worker's "[harness] resuming ..." line reaches the terminal too, not only the log file
+        "--verbose",  # the workers' "[harness] resuming ..." lines reach the terminal too, not only the log file
         "train",
         "run_name=lora",
         f"data={sample}",
         f"model.name_or_path={tiny_model}",
         f"storage_path={runs}",
         f"tracking.uri={tmp_path / 'mlruns'}",
-        "resources_per_worker={CPU: 1, node_b: 1}",
-        "num_workers=1",
-        "deepspeed.zero_stage=1",
+        "num_workers=2",  # of one CPU each: one on each node
+        "deepspeed.zero_stage=2",
         "lora.enabled=true",
-        "learning_rate=0.01",
+        "learning_rate=0.05",
         "epochs=2",
-        "batch_size=16",
+        "batch_size=8",
         "max_length=320",
         f"max_train_tasks={TRAIN_TASKS}",
         "eval_max_tasks=32",
         "checkpoint_every=4",
         "keep_checkpoints=3",
-        "log_every=5",
-        "max_failures=0",
+        "log_every=4",
+        "max_failures=1",
     ]
     command = [sys.executable, "-m", "harness.cli", *train]
     log = tmp_path / "first.out"
@@ -353,20 +374,25 @@ def test_training_on_node_b_lives_in_the_bucket_resumes_from_it_and_is_evaluated
         first = subprocess.Popen(
             command, env=cluster.env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
-    deadline = time.time() + 300
-    while not _registered(object_store, "runs/lora"):
-        assert first.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    try:
+        _wait_for_checkpoint(object_store, first, 4, log)
+        workers = _alive_workers(cluster)
+        assert len(workers) == 2 and {w.node_id for w in workers} == {cluster.head, cluster.node_b}, workers
+        (on_b,) = [w for w in workers if w.node_id == cluster.node_b]
+        os.kill(on_b.pid, signal.SIGKILL)  # node B shares this machine's process ids (a mount namespace only)
+        _wait_for_checkpoint(object_store, first, 8, log)  # after the restart
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     assert "runs/lora/final/config.json" not in _objects(object_store, "runs/lora"), "it was meant to die first"
-    (worker,) = _actors(cluster, "RayTrainWorker")
-    assert worker.node_id == cluster.node_b
+    restarted_at = int(log.read_text().split("[harness] resuming lora at epoch ")[1].split()[2])
+    assert restarted_at == 4  # the worker group's restart, from the first checkpoint
+    assert len(_actors(cluster, "RayTrainWorker")) == 4  # two workers, then two again after the restart
 
     second = _cli(*train, env=cluster.env, cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed_at = int((second.stdout + second.stderr).split("[harness] resuming lora at epoch ")[1].split()[2])
-    assert resumed_at >= 4
+    assert resumed_at >= 8
     objects = _objects(object_store, "runs/lora")
     assert {"train_config.yaml", "final_metrics.json", "tracking.json", "run_record.json", "final/config.json"} <= {
         key.removeprefix("runs/lora/") for key in objects
@@ -374,8 +400,13 @@ def test_training_on_node_b_lives_in_the_bucket_resumes_from_it_and_is_evaluated
     assert list(tmp_path.glob("s3*")) == []  # no URI was taken for a local path
     run = store.location(f"{runs}/lora", "storage_path")
     metrics = json.loads(run.child("final_metrics.json").read_text())
-    assert metrics["completed"] and metrics["step"] == 2 * -(-TRAIN_TASKS // 16)
-    assert metrics["dev_loss"] < metrics["initial_dev_loss"]
+    assert metrics["completed"] and metrics["step"] == 2 * TRAIN_TASKS // (2 * 8)
+    assert abs(metrics["dev_loss"] - UNKILLED_DEV_LOSS) < NOISE, metrics
+    assert "mfu" not in metrics  # no peak FLOP/s on CPU
+    steps = metrics["step"]
+    assert "lora ━" in second.stdout and f" {steps}/{steps} " in second.stdout  # the driver's progress bar
+    record = json.loads(run.child("run_record.json").read_text())
+    assert record["batch"]["global_batch_size"] == 2 * 8
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
@@ -397,6 +428,10 @@ def test_training_on_node_b_lives_in_the_bucket_resumes_from_it_and_is_evaluated
     ids = torch.tensor([tokenizer("Dr. Reyes: Please draft the order for amoxicillin")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    # 6 x N x tokens/s, N: all the trained model's parameters, the merged model's plus the adapter's
+    adapter_parameters = sum(p.numel() for name, p in reloaded.named_parameters() if "lora_" in name)
+    trained = sum(p.numel() for p in merged.parameters()) + adapter_parameters
+    assert metrics["achieved_flops_per_s"] / (6 * metrics["tokens_per_s"]) == pytest.approx(trained, rel=0.05)
 
     on_b = {"resources": {"node_b": 0.5}, "num_cpus": 0.5}
     agents = [

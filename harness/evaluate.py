@@ -39,7 +39,7 @@ from harness.selection import (
     parse_mode,
     parse_strategy,
 )
-from harness.store import Location, local_path, location, model_path, model_stamp
+from harness.store import Location, location, model_path, model_stamp, resolve
 from harness.tokens import TokenDesign
 from harness.tracking import TrackingSettings, record_evaluation
 
@@ -269,7 +269,7 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
     split = cfg.split
     with out.local_dir() as scratch:  # the rejects and clean copy of skipped bad rows land in `out`
         tasks = load_dataset(
-            local_path(cfg.data, "data"),
+            resolve(cfg.data),
             taxonomy,
             skip_bad_rows=cfg.skip_bad_rows,
             rejects_path=scratch / "rejects.jsonl",

@@ -117,7 +117,7 @@ def local_or_hub(name_or_path: str) -> str:
 def cache_dir() -> Path:
     """This node's cache of models downloaded from storage URIs: `$HARNESS_CACHE/models`, else
     `~/.cache/behaviorbench-harness/models`."""
-    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/behaviorbench-harness")).expanduser() / "models"
+    return store.cache_root() / "models"
 
 
 def local_copy(path: str) -> str:

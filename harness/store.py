@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pyarrow
 import pyarrow.fs as pafs
 
-from harness.errors import ConfigError, first_line
+from harness.errors import ConfigError, DataError, first_line
 from harness.files import write_atomic
 from harness.names import check_name
 
@@ -78,6 +79,51 @@ def local_path(path: str | Path, key: str) -> Path:
     if is_uri(text):
         raise ConfigError(f"{key}: {path}: storage URIs are not supported here yet; use a path every node mounts")
     return Path(text)
+
+
+def cache_root() -> Path:
+    """This node's cache of what it downloads from storage URIs (models, data): `$HARNESS_CACHE`, else
+    `~/.cache/behaviorbench-harness`."""
+    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/behaviorbench-harness")).expanduser()
+
+
+def local_data(path: str | Path) -> Path:
+    """Task data as a local path: a file or directory at a storage URI is downloaded once per node into
+    `cache_root()/data`, under a key of its files' sizes and times (changed data is a new key); a local path is
+    returned as is."""
+    if not is_uri(path):
+        return Path(path)
+    source = location(path, "data")
+    info = source.fs.get_file_info(source.path)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError([], f"{path}: no such file or directory")
+    stamp = source.stamp() if info.type == pafs.FileType.Directory else f"{info.size}:{info.mtime_ns}"
+    target = cache_root() / "data" / hashlib.sha256(f"{source}|{stamp}".encode()).hexdigest()[:16]
+    name = info.base_name
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp.mkdir(parents=True)
+        try:
+            _download(source, tmp / name, info.type == pafs.FileType.Directory)
+            tmp.replace(target)
+        except OSError:  # another process on this node finished the same download first
+            if not target.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / name
+
+
+def _download(source: Location, out: Path, directory: bool) -> None:
+    """Copy the file at `source`, or every file under it with its relative path, to the local path `out`."""
+    if not directory:
+        pafs.copy_files(source.path, str(out), source_filesystem=source.fs)
+        return
+    for item in source.fs.get_file_info(pafs.FileSelector(source.path, recursive=True)):
+        if item.type == pafs.FileType.File:
+            target = out / item.path.removeprefix(f"{source.path}/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(item.path, str(target), source_filesystem=source.fs)
 
 
 @dataclasses.dataclass(frozen=True)

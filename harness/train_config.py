@@ -88,7 +88,7 @@ class TrainConfig:
         storage = store.resolve(self.storage_path)
         return replace(
             self,
-            data=str(store.local_path(self.data, "data")),
+            data=store.resolve(self.data),
             taxonomy=store.resolve(self.taxonomy) if self.taxonomy else None,
             storage_path=storage,
             model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path)),

@@ -32,7 +32,8 @@ import torch
 import yaml
 
 from harness import config, leaderboard, store
-from harness.bench import load_taxonomy
+from harness.bench import fingerprint, load_tasks, load_taxonomy, validate
+from harness.errors import DataError
 from harness.model import ModelSettings, load_model, load_tokenizer, local_copy
 from harness.pipeline import CONFIGS, step_config, training_values
 from harness.predictions import PREDICTION_SCHEMA, PredictionStore
@@ -188,6 +189,31 @@ def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatc
         leaderboard.read(board)
 
 
+def test_task_data_in_the_bucket_is_read_validated_and_fingerprinted_as_a_local_copy(
+    object_store, monkeypatch, tmp_path, sample
+):
+    for key, value in object_store.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/fast/data/tasks.jsonl"
+    store.location(uri, "data").write_bytes(sample.read_bytes())
+    assert validate(uri).counts == validate(sample).counts
+    assert fingerprint(uri) == fingerprint(sample)  # the content, wherever it lives
+    (copy,) = (tmp_path / "cache" / "data").glob("*/tasks.jsonl")  # downloaded once, then reused
+    assert copy.read_bytes() == sample.read_bytes()
+    assert load_tasks(f"s3://{BUCKET}/fast/data", split="test").equals(load_tasks(sample, split="test"))  # a prefix
+
+    lines = sample.read_text().splitlines()
+    bad = json.loads(lines[2]) | {"task_id": ""}
+    store.location(uri, "data").write_text("\n".join([*lines[:2], json.dumps(bad), *lines[3:]]) + "\n")
+    problems = validate(uri).problems  # changed data: a new copy, and problems name the object, not the copy
+    assert problems == [f"{uri}:3: task_id: expected a non-empty string, got ''"], problems
+    assert len(list((tmp_path / "cache" / "data").glob("*/tasks.jsonl"))) == 2
+    with pytest.raises(DataError, match=f"s3://{BUCKET}/fast/nothing.jsonl: no such file or directory"):
+        validate(f"s3://{BUCKET}/fast/nothing.jsonl")
+    assert list(tmp_path.glob("s3*")) == []
+
+
 @dataclass(frozen=True)
 class Cluster:
     address: str  # the head's GCS address
@@ -277,12 +303,12 @@ def _actors(cluster: Cluster, name: str) -> list:
     return [a for a in list_actors(address=cluster.address, limit=10_000) if name in a.class_name]
 
 
-def _eval_config(path: Path, sample: Path, agents: list[dict], prefix: str, runs: str) -> Path:
+def _eval_config(path: Path, data: str | Path, agents: list[dict], prefix: str, runs: str) -> Path:
     path.write_text(
         yaml.safe_dump(
             {
                 "agents": agents,
-                "data": str(sample),
+                "data": str(data),
                 "max_tasks": 24,
                 "part_size": 8,
                 "answers": False,
@@ -345,12 +371,13 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     for key, value in object_store.items():  # for this process's reads of the bucket
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    runs = f"s3://{BUCKET}/runs"
+    runs, data = f"s3://{BUCKET}/runs", f"s3://{BUCKET}/data/tasks.jsonl"  # Ray Data reads the data there
+    store.location(data, "data").write_bytes(sample.read_bytes())
     train = [
         "--verbose",  # the workers' "[harness] resuming ..." lines reach the terminal too, not only the log file
         "train",
         "run_name=lora",
-        f"data={sample}",
+        f"data={data}",
         f"model.name_or_path={tiny_model}",
         f"storage_path={runs}",
         f"tracking.uri={tmp_path / 'mlruns'}",
@@ -438,7 +465,7 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
         {"name": "zero-shot", "model": str(tiny_model), **on_b},
         {"name": "lora", "model": "run:lora", "mode": "behaviorsft", **on_b},
     ]
-    config = _eval_config(tmp_path / "eval.yaml", sample, agents, "multinode", runs)
+    config = _eval_config(tmp_path / "eval.yaml", data, agents, "multinode", runs)
     evaluated = _cli("eval", "--config", str(config), env=cluster.env, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     first_actors = _actors(cluster, "AgentPredictor")

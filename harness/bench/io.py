@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from harness import store
 from harness.bench.records import REQUIRED, check_row, normalize_row
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
 from harness.errors import DataError, first_line
@@ -37,44 +38,52 @@ PREP_CPUS = 0.25
 BLOCK_BYTES = 32 * 2**20
 
 
-def data_files(path: str | Path) -> list[Path]:
-    """The data files at `path`: the file itself, or every .jsonl/.parquet under a directory."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-        if not files:
+@dataclass(frozen=True)
+class DataFile:
+    local: Path  # where this process reads it: the file, or this node's copy of a file at a storage URI
+    source: str  # what problems name and Ray Data reads: the local path, or that URI
+
+
+def data_files(path: str | Path) -> list[DataFile]:
+    """The data files at `path` (a local path or a storage URI): the file itself, or every .jsonl/.parquet under a
+    directory."""
+    local = store.local_data(path)
+    if local.is_dir():
+        found = sorted(p for p in local.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not found:
             raise DataError([], f"{path}: no .jsonl or .parquet files in this directory")
-        return files
-    if not path.exists():
+        prefix = str(path).rstrip("/") if store.is_uri(path) else None
+        return [DataFile(f, f"{prefix}/{f.relative_to(local).as_posix()}" if prefix else str(f)) for f in found]
+    if not local.exists():
         raise DataError([], f"{path}: no such file or directory")
-    if path.suffix not in SUFFIXES:
-        raise DataError([], f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
-    return [path]
+    if local.suffix not in SUFFIXES:
+        raise DataError([], f"{path}: unsupported file type {local.suffix!r} (use .jsonl or .parquet)")
+    return [DataFile(local, str(path))]
 
 
-def _parquet_file(path: Path) -> pq.ParquetFile:
-    """`path` opened as a Parquet table of tasks; a file that is not one raises a one-line DataError."""
-    with path.open("rb") as handle:
+def _parquet_file(file: DataFile) -> pq.ParquetFile:
+    """`file` opened as a Parquet table of tasks; a file that is not one raises a one-line DataError."""
+    with file.local.open("rb") as handle:
         if handle.read(4) != b"PAR1":
-            raise DataError([], f"{path}: not a Parquet file (it does not start with PAR1)")
+            raise DataError([], f"{file.source}: not a Parquet file (it does not start with PAR1)")
     try:
-        table = pq.ParquetFile(path)
+        table = pq.ParquetFile(file.local)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError([], f"{path}: truncated or corrupt Parquet file ({first_line(exc)})") from None
+        raise DataError([], f"{file.source}: truncated or corrupt Parquet file ({first_line(exc)})") from None
     missing = [name for name in REQUIRED if name not in table.schema_arrow.names]
     if missing:
         raise DataError(
             [],
-            f"{path}: not a BehaviorBench task table: missing column(s) {', '.join(missing)} "
+            f"{file.source}: not a BehaviorBench task table: missing column(s) {', '.join(missing)} "
             f"(it has {', '.join(table.schema_arrow.names)})",
         )
     return table
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str, str]]:
+def _raw_rows(file: DataFile) -> Iterator[tuple[int, dict[str, Any] | str, str]]:
     """(line, row, "") for every row of one file, or (line, the line's text, problem) for a line that is no row."""
-    if path.suffix == ".parquet":
-        table = _parquet_file(path)
+    if file.local.suffix == ".parquet":
+        table = _parquet_file(file)
         line = 0
         try:
             for batch in table.iter_batches(batch_size=4096):
@@ -82,9 +91,9 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str, str]]:
                     line += 1
                     yield line, row, ""
         except (pa.ArrowException, OSError) as exc:
-            raise DataError([], f"{path}: corrupt Parquet file after row {line} ({first_line(exc)})") from None
+            raise DataError([], f"{file.source}: corrupt Parquet file after row {line} ({first_line(exc)})") from None
         return
-    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad row, not a failed file
+    with file.local.open("rb") as handle:  # bytes: a line that is not UTF-8 is one bad row, not a failed file
         for line, data in enumerate(handle, start=1):
             raw = data.decode("utf-8", errors="backslashreplace").rstrip("\r\n")  # kept whole in rejects
             try:
@@ -109,7 +118,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str, str]]:
 class ScanResult:
     """What one pass over the data found: problems, rejected rows, and counts of the good ones."""
 
-    files: list[Path]
+    files: list[DataFile]
     problems: list[str] = field(default_factory=list)
     rejected_lines: int = 0
     good_rows: int = 0
@@ -121,7 +130,7 @@ def _scan(path: str | Path, taxonomy: Taxonomy, on_good=None, on_bad=None) -> Sc
     seen: dict[str, str] = {}
     for file in result.files:
         for line, row, problem in _raw_rows(file):
-            where = f"{file}:{line}"
+            where = f"{file.source}:{line}"
             if problem:
                 issues = [("<row>", problem)]
             else:
@@ -210,8 +219,8 @@ def load_tasks(
     return frame
 
 
-def _blocks(files: list[str]) -> int:
-    return max(1, math.ceil(sum(Path(f).stat().st_size for f in files) / BLOCK_BYTES))
+def _blocks(files: list[DataFile]) -> int:
+    return max(1, math.ceil(sum(f.local.stat().st_size for f in files) / BLOCK_BYTES))
 
 
 def load_dataset(
@@ -251,26 +260,40 @@ def load_dataset(
             write_atomic(clean, write_clean)
         finally:
             rejects.close()
-        files = [clean]
-    jsonl = [str(f) for f in files if f.suffix == ".jsonl"]
-    parquet = [str(f) for f in files if f.suffix == ".parquet"]
+        files = [DataFile(clean, str(clean))]
+    remote_args: dict[str, Any] = {"num_cpus": num_cpus}
+    if result.problems:  # the clean copy is on this node only: its read tasks run here
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=False)
+    # Read tasks run on any node: they read a file at a storage URI from there, not this node's copy.
+    filesystem = store.location(str(path), "data").fs if store.is_uri(files[0].source) else None
+    readers = {
+        ".jsonl": (ray.data.read_text, lambda r: normalize_row(json.loads(r["text"]))),
+        ".parquet": (ray.data.read_parquet, normalize_row),
+    }
     parts = []
-    if jsonl:
-        read = ray.data.read_text(jsonl, ray_remote_args={"num_cpus": num_cpus}, override_num_blocks=_blocks(jsonl))
-        parts.append(read.map(lambda r: normalize_row(json.loads(r["text"])), num_cpus=num_cpus))
-    if parquet:
-        blocks = _blocks(parquet)
-        read = ray.data.read_parquet(parquet, ray_remote_args={"num_cpus": num_cpus}, override_num_blocks=blocks)
-        parts.append(read.map(normalize_row, num_cpus=num_cpus))
+    for suffix, (read, parse) in readers.items():
+        chosen = [f for f in files if f.local.suffix == suffix]
+        if chosen:
+            options = {"filesystem": filesystem, "ray_remote_args": remote_args, "override_num_blocks": _blocks(chosen)}
+            rows = read(_read_paths(chosen), **options)
+            parts.append(rows.map(parse, num_cpus=num_cpus))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _read_paths(files: list[DataFile]) -> list[str]:
+    """What Ray Data opens: local paths, or the paths of URIs inside their filesystem (`bucket/key`)."""
+    return [store.location(f.source, "data").path if store.is_uri(f.source) else str(f.local) for f in files]
 
 
 def fingerprint(path: str | Path) -> str:
     """A short content hash of the data at `path` (for leaderboards and caches)."""
     digest = hashlib.sha256()
     for file in data_files(path):
-        digest.update(file.name.encode())
-        with file.open("rb") as handle:
+        digest.update(file.local.name.encode())
+        with file.local.open("rb") as handle:
             for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]

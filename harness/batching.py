@@ -75,6 +75,8 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
     rows = train.count()
     if rows < cfg.num_workers:
         raise ConfigError(f"{cfg.data}: {rows} train task(s) for {cfg.num_workers} workers")
+    for dataset in (train, dev):  # read in the workers: the driver shows the run's own bar, and Ray Data's bars of
+        dataset.context.enable_progress_bars = False  # the workers' reads would reach its terminal after it ended
     return {"train": train, "dev": dev}, rows
 
 

@@ -281,12 +281,7 @@ def model_path(reference: str, runs_dir: str | Path) -> str:
 def model_stamp(path: str) -> str:
     """What identifies a model's weights: its files' sizes and times (a local directory, or a directory in an
     object store), or else the hub id."""
-    if is_uri(path):
-        return location(path, "model").stamp()
-    directory = Path(path)
-    if not directory.is_dir():
-        return path
-    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(directory.iterdir()))
+    return location(path, "model").stamp() if is_uri(path) or Path(path).is_dir() else path
 
 
 def looks_local(reference: str) -> bool:

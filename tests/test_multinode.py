@@ -131,12 +131,18 @@ def _checkpointed_step(env: dict[str, str], run: str) -> int:
     return int(latest.get("checkpoint_dir_name", "_step0").rsplit("_step", 1)[1])
 
 
-def test_a_model_in_the_bucket_is_downloaded_once_per_node_and_again_when_it_changes(
-    object_store, monkeypatch, tmp_path, tiny_model
-):
+@pytest.fixture
+def bucket_client(object_store, monkeypatch, tmp_path) -> dict[str, str]:
+    """This process as a client of the object store, with a download cache of the test's own."""
     for key, value in object_store.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    return object_store
+
+
+def test_a_model_in_the_bucket_is_downloaded_once_per_node_and_again_when_it_changes(
+    bucket_client, tmp_path, tiny_model
+):
     uri = f"s3://{BUCKET}/models/tiny"
     store.location(uri, "model").put_dir(tiny_model)
     assert store.model_path(uri, tmp_path / "runs") == uri  # a URI stays a URI: never a hub id, never `./s3:`
@@ -151,9 +157,7 @@ def test_a_model_in_the_bucket_is_downloaded_once_per_node_and_again_when_it_cha
     assert list(tmp_path.glob("s3*")) == []
 
 
-def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatch, tmp_path):
-    for key, value in object_store.items():
-        monkeypatch.setenv(key, value)
+def test_predictions_and_leaderboard_live_in_the_bucket(bucket_client, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     out = store.location(f"s3://{BUCKET}/fast/eval", "output_dir")
     assert not out.local and str(out) == f"s3://{BUCKET}/fast/eval"
@@ -165,7 +169,7 @@ def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatc
     assert predictions.done_ids() == set(rows.task_id) and not predictions.finished
     predictions.finalize(set(rows.task_id))
     assert predictions.finished and list(predictions.read().task_id) == sorted(rows.task_id)
-    objects = _objects(object_store, "fast/eval")
+    objects = _objects(bucket_client, "fast/eval")
     assert "fast/eval/agent-r1.parquet" in objects
     assert len([key for key in objects if key.startswith("fast/eval/agent-r1/part-")]) == 2
 
@@ -177,11 +181,11 @@ def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatc
     leaderboard.append(board, _rows("b", "r2", 0.6))
     table = leaderboard.read(board)
     assert len(table) == 2 * len(first) and list(leaderboard.ranking(table).agent) == ["a", "b"]
-    assert set(_objects(object_store, "fast/results")) == {"fast/results/leaderboard.parquet"}  # no lock, no temp
+    assert set(_objects(bucket_client, "fast/results")) == {"fast/results/leaderboard.parquet"}  # no lock, no temp
 
     with out.child("scratch").local_dir() as scratch:
         (scratch / "rejects.jsonl").write_text("{}\n")
-    assert set(_objects(object_store, "fast/eval/scratch")) == {"fast/eval/scratch/rejects.jsonl"}
+    assert set(_objects(bucket_client, "fast/eval/scratch")) == {"fast/eval/scratch/rejects.jsonl"}
     assert list(tmp_path.iterdir()) == []  # nothing local: no `s3:` directory
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
@@ -189,12 +193,7 @@ def test_predictions_and_leaderboard_live_in_the_bucket(object_store, monkeypatc
         leaderboard.read(board)
 
 
-def test_task_data_in_the_bucket_is_read_validated_and_fingerprinted_as_a_local_copy(
-    object_store, monkeypatch, tmp_path, sample
-):
-    for key, value in object_store.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+def test_task_data_in_the_bucket_is_read_validated_and_fingerprinted_as_a_local_copy(bucket_client, tmp_path, sample):
     uri = f"s3://{BUCKET}/fast/data/tasks.jsonl"
     store.location(uri, "data").write_bytes(sample.read_bytes())
     assert validate(uri).counts == validate(sample).counts
@@ -357,7 +356,7 @@ def _wait_for_checkpoint(env: dict[str, str], run: subprocess.Popen, step: int, 
 
 @pytest.mark.slow
 def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_evaluated_from_it(
-    cluster, object_store, sample, tiny_model, tmp_path, monkeypatch
+    cluster, bucket_client, sample, tiny_model, tmp_path
 ):
     """A LoRA BehaviorSFT run with ZeRO-2 over two workers, one on each node, whose storage is the bucket. Its
     worker on node B is SIGKILLed after the first checkpoint: `FailureConfig` restarts the worker group from the
@@ -368,13 +367,10 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     from ray.train import Checkpoint
     from transformers import AutoModelForCausalLM
 
-    for key, value in object_store.items():  # for this process's reads of the bucket
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     runs, data = f"s3://{BUCKET}/runs", f"s3://{BUCKET}/data/tasks.jsonl"  # Ray Data reads the data there
     store.location(data, "data").write_bytes(sample.read_bytes())
     train = [
-        "--verbose",  # the workers' "[harness] resuming ..." lines reach the terminal too, not only the log file
+        "--verbose",  # the workers' "[harness] resuming ..." lines reach the terminal too (the first run's)
         "train",
         "run_name=lora",
         f"data={data}",
@@ -402,25 +398,27 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
             command, env=cluster.env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        _wait_for_checkpoint(object_store, first, 4, log)
+        _wait_for_checkpoint(bucket_client, first, 4, log)
         workers = _alive_workers(cluster)
         assert len(workers) == 2 and {w.node_id for w in workers} == {cluster.head, cluster.node_b}, workers
         (on_b,) = [w for w in workers if w.node_id == cluster.node_b]
         os.kill(on_b.pid, signal.SIGKILL)  # node B shares this machine's process ids (a mount namespace only)
-        _wait_for_checkpoint(object_store, first, 8, log)  # after the restart
+        _wait_for_checkpoint(bucket_client, first, 8, log)  # after the restart
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert "runs/lora/final/config.json" not in _objects(object_store, "runs/lora"), "it was meant to die first"
+    assert "runs/lora/final/config.json" not in _objects(bucket_client, "runs/lora"), "it was meant to die first"
     restarted_at = int(log.read_text().split("[harness] resuming lora at epoch ")[1].split()[2])
     assert restarted_at == 4  # the worker group's restart, from the first checkpoint
     assert len(_actors(cluster, "RayTrainWorker")) == 4  # two workers, then two again after the restart
 
-    second = _cli(*train, env=cluster.env, cwd=tmp_path)
+    second = _cli(*train[1:], env=cluster.env, cwd=tmp_path)  # as a user runs it: Ray's output to the log file
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    resumed_at = int((second.stdout + second.stderr).split("[harness] resuming lora at epoch ")[1].split()[2])
+    assert "(pid=" not in second.stdout + second.stderr  # no line of a worker, nor a bar of Ray Data's, after the end
+    full_log = Path(second.stdout.split("full log: ", 1)[1].split()[0]).read_text()
+    resumed_at = int(full_log.split("[harness] resuming lora at epoch ")[1].split()[2])
     assert resumed_at >= 8
-    objects = _objects(object_store, "runs/lora")
+    objects = _objects(bucket_client, "runs/lora")
     assert {"train_config.yaml", "final_metrics.json", "tracking.json", "run_record.json", "final/config.json"} <= {
         key.removeprefix("runs/lora/") for key in objects
     }
@@ -472,7 +470,7 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     assert len(first_actors) == 2 and {a.node_id for a in first_actors} == {cluster.node_b}
     downloads = list((cluster.home / ".cache" / "behaviorbench-harness" / "models").glob("*/config.json"))
     assert len(downloads) == 1  # node B's copy of the run's final model, fetched from the bucket
-    objects = _objects(object_store, "multinode/eval")
+    objects = _objects(bucket_client, "multinode/eval")
     finals = sorted(k for k in objects if k.count("/") == 2 and k.endswith(".parquet"))
     assert [Path(k).name.rsplit("-", 1)[0] for k in finals] == ["lora", "zero-shot"]
     parts = {f: sorted(k for k in objects if k.startswith(f.removesuffix(".parquet") + "/part-")) for f in finals}
@@ -491,14 +489,14 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
 
     # A killed job: zero-shot's final file and one of its parts are gone. The re-run predicts that part only and
     # leaves the finished agent alone.
-    s3 = _s3(object_store)
+    s3 = _s3(bucket_client)
     zero = next(f for f in finals if "zero-shot" in f)
     s3.delete_file(f"{BUCKET}/{zero}")
     s3.delete_file(f"{BUCKET}/{parts[zero][0]}")
     again = _cli("eval", "--config", str(config), env=cluster.env, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert len(_actors(cluster, "AgentPredictor")) == len(first_actors) + 1  # one new actor: zero-shot's
-    after = _objects(object_store, "multinode/eval")
+    after = _objects(bucket_client, "multinode/eval")
     (new_part,) = set(after) - set(objects)
     assert new_part.startswith(zero.removesuffix(".parquet") + "/part-")
     assert set(objects) - set(after) == {parts[zero][0]}

@@ -177,7 +177,7 @@ def sweep(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
     shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", "initial_dev_macro_f1", "status"]
     print_frame(
         table[[c for c in dict.fromkeys(shown) if c in table.columns]],
-        title=f"sweep {cfg.name}: trials ranked by {cfg.metric} ({cfg.directory / 'trials.parquet'})",
+        title=f"sweep {cfg.name}: trials ranked by {cfg.metric} ({cfg.directory.child('trials.parquet')})",
     )
     console.print(f"best: sweep:{cfg.name}:best", highlight=False)
 

@@ -122,7 +122,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
             return None
         paths = {"train.data": str(data), "train.model.name_or_path": base, "runs_dir": str(runs)}
         sweep_cfg = step_config(SweepConfig, CONFIGS / profile.sweep_config, paths)
-        best = sweep_cfg.directory / "best.json"
+        best = sweep_cfg.directory.child("best.json")
         if not best.exists():
             table = sweep(sweep_cfg)
             log(table.to_string(index=False, max_colwidth=40))

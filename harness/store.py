@@ -72,15 +72,6 @@ def resolve(path: str | Path) -> str:
     return str((Path(base) / Path(text).expanduser()).resolve())
 
 
-def local_path(path: str | Path, key: str) -> Path:
-    """`path` resolved against the root, as a local path (a shared file system mounted on every node counts); a URI
-    is refused with one line naming `key`, never turned into `./s3:/...`."""
-    text = resolve(path)
-    if is_uri(text):
-        raise ConfigError(f"{key}: {path}: storage URIs are not supported here yet; use a path every node mounts")
-    return Path(text)
-
-
 def cache_root() -> Path:
     """This node's cache of what it downloads from storage URIs (models, data): `$HARNESS_CACHE`, else
     `~/.cache/behaviorbench-harness`."""
@@ -249,9 +240,10 @@ def run_dir(runs_dir: str | Path, name: str) -> Location:
     return location(runs_dir, "storage_path").child(check_name(name, "run name"))
 
 
-def sweep_dir(runs_dir: str | Path, name: str) -> Path:
-    """Where sweep `name` keeps its Tune experiment, trials, `trials.parquet` and `best.json`."""
-    return local_path(runs_dir, "runs_dir") / "sweeps" / check_name(name, "sweep name")
+def sweep_dir(runs_dir: str | Path, name: str) -> Location:
+    """Where sweep `name` keeps its Tune experiment, trials, `trials.parquet` and `best.json`: a directory, or a
+    prefix of an object store."""
+    return location(runs_dir, "runs_dir").child("sweeps").child(check_name(name, "sweep name"))
 
 
 def model_path(reference: str, runs_dir: str | Path) -> str:
@@ -268,9 +260,10 @@ def model_path(reference: str, runs_dir: str | Path) -> str:
         parts = reference.split(":")
         if len(parts) != 3 or parts[2] != "best":
             raise ConfigError(f"model {reference}: expected sweep:<sweep name>:best")
-        best = sweep_dir(runs_dir, check_name(parts[1], f"model {reference}")) / "best.json"
+        sweep = sweep_dir(runs_dir, check_name(parts[1], f"model {reference}"))
+        best = sweep.child("best.json")
         if not best.exists():
-            raise ConfigError(f"model {reference}: no finished sweep at {best.parent}")
+            raise ConfigError(f"model {reference}: no finished sweep at {sweep}")
         return json.loads(best.read_text())["final_model"]
     path = local_or_hub(reference)
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():

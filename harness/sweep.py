@@ -21,7 +21,6 @@ from harness import store
 from harness.cluster import check_reachable
 from harness.config import build, get_dotted, set_dotted, to_dict
 from harness.errors import ConfigError
-from harness.files import write_parquet, write_text
 from harness.names import check_name
 from harness.tokens import TokenDesign
 from harness.tracking import create_experiment
@@ -77,7 +76,7 @@ class SweepConfig:
                     raise ValueError(f"search_space.{key}={value!r}: {exc}") from None
 
     @property
-    def directory(self) -> Path:
+    def directory(self) -> store.Location:
         return store.sweep_dir(self.runs_dir, self.name)
 
 
@@ -160,12 +159,13 @@ def run_trial(config: dict[str, Any]) -> None:
 def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
     rows = []
     searched = list(cfg.search_space)
-    trials_dir = cfg.directory / "trials"
+    trials_dir = cfg.directory.child("trials")
     for result in results:
         config = result.config.get("train", {}) if result.config else {}
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        final = trials_dir / str(trial_id) / "final"
+        final = trials_dir.child(str(trial_id)).child("final")
+        exported = final.child("config.json").exists()
         row: dict[str, Any] = {"trial_id": str(trial_id), "design": TokenDesign(**config.get("design", {})).name}
         chosen = {key: get_dotted(config, key) for key in searched}
         row.update({k: v if not isinstance(v, (list, dict)) else json.dumps(v) for k, v in chosen.items()})
@@ -177,8 +177,8 @@ def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
                 "initial_dev_macro_f1": metrics.get("initial_dev_macro_f1"),
                 "epochs_done": metrics.get("training_iteration"),
                 "checkpoint": metrics.get("checkpoint_path", ""),
-                "final_model": str(final) if (final / "config.json").exists() else "",
-                "status": "error" if result.error else ("finished" if (final / "config.json").exists() else "stopped"),
+                "final_model": str(final) if exported else "",
+                "status": "error" if result.error else ("finished" if exported else "stopped"),
                 "error": repr(result.error)[:2000] if result.error else "",
             }
         )
@@ -196,18 +196,19 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
 
     init_ray(cfg.train.use_gpu)
     directory = cfg.directory
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.local:
+        Path(directory.path).mkdir(parents=True, exist_ok=True)
     check_reachable({"runs_dir": str(directory)})  # Tune keeps its experiment there; each trial checks the rest
     # Tune runs trials in their own directories: resolve local paths here, on the driver. The trials are
     # tracked beside them, in experiment sweep-<name> unless one is set.
     tracking = replace(cfg.train.tracking, experiment=cfg.train.tracking.experiment or f"sweep-{cfg.name}")
-    trials = replace(cfg.train, storage_path=str(directory / "trials"), tracking=tracking)
+    trials = replace(cfg.train, storage_path=str(directory.child("trials")), tracking=tracking)
     resolved = replace(cfg, train=trials.resolved())
     create_experiment(resolved.train.tracking, "train")  # before trials, which run concurrently, open runs in it
     train_values = param_space(resolved)
     # Tune needs some resource in a trial's bundle: with no CPU, a token of memory.
     trainable = tune.with_resources(run_trial, {"CPU": cfg.trial_cpus, "memory": TRIAL_MEMORY})
-    experiment = directory / "tune"
+    experiment = directory.child("tune")
     if tune.Tuner.can_restore(str(experiment)):
         tuner = tune.Tuner.restore(
             str(experiment),
@@ -245,11 +246,11 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
         )
     results = tuner.fit()
     table = _trial_rows(results, cfg)
-    write_parquet(directory / "trials.parquet", table)
+    directory.child("trials.parquet").write_parquet(table)
     finished = table[table["status"] == "finished"].dropna(subset=[cfg.metric])
     if finished.empty:
-        raise ConfigError(f"sweep {cfg.name}: no trial finished; see {directory / 'trials.parquet'}")
+        raise ConfigError(f"sweep {cfg.name}: no trial finished; see {directory.child('trials.parquet')}")
     best = finished.iloc[0].to_dict()
     best["searched"] = json.loads(best["searched"])
-    write_text(directory / "best.json", json.dumps(best, indent=2, default=str) + "\n")
+    directory.child("best.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
     return table

@@ -507,24 +507,25 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
 
 @pytest.mark.slow
 def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_key_into_training(
-    cluster, sample, tiny_model, tmp_path
+    cluster, bucket_client, sample, tiny_model, tmp_path
 ):
-    """`harness sweep` on the cluster: two trials at once, each with one worker of one CPU, one on each node. Each
-    trial's data preparation has its own small share of CPU (`harness.bench.io.PREP_CPUS`), so neither waits for
-    the other's worker."""
-    values = sweep_values(sample, tiny_model, tmp_path)
+    """`harness sweep` on the cluster, its `runs_dir` in the bucket (Tune's experiment, the trials, the table and
+    the best trial): two trials at once, each with one worker of one CPU, one on each node. Each trial's data
+    preparation has its own small share of CPU (`harness.bench.io.PREP_CPUS`), so neither waits for the other's
+    worker."""
+    values = sweep_values(sample, tiny_model, tmp_path) | {"runs_dir": f"s3://{BUCKET}/swept"}
     sweep_config = tmp_path / "sweep.yaml"
     sweep_config.write_text(yaml.safe_dump(values))
     directory = config.build(SweepConfig, values).directory
     before = {a.actor_id for a in _actors(cluster, "RayTrainWorker")}
     run = _cli("sweep", "--config", str(sweep_config), env=cluster.env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    stored = pd.read_parquet(directory / "trials.parquet")
+    stored = directory.child("trials.parquet").read_parquet()
     assert len(stored) == 2 and set(stored.status) == {"finished"}
     assert sorted(stored["design.spelling"]) == ["special", "text"]
     assert stored.warmup_ratio.between(0.1, 0.3).all() and stored.warmup_ratio.nunique() == 2
     for _, trial in stored.iterrows():  # each trial trained with what the table says it searched
-        trained = yaml.safe_load((Path(trial.final_model).parent / CONFIG_FILE).read_text())
+        trained = yaml.safe_load(store.location(trial.final_model, "model").sibling(CONFIG_FILE).read_text())
         searched = (trial["design.spelling"], trial.warmup_ratio)
         assert (trained["design"]["spelling"], trained["warmup_ratio"]) == searched
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
@@ -533,22 +534,22 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
     # node, and the later trial's worker wrote its run record before the earlier trial finished.
     workers = [a for a in _actors(cluster, "RayTrainWorker") if a.actor_id not in before]
     assert len(workers) == 2 and len({a.node_id for a in workers}) == 2
-    runs = {trial: directory / "trials" / trial for trial in stored.trial_id}
-    began = {trial: (run / "run_record.json").stat().st_mtime for trial, run in runs.items()}
+    runs = {trial: directory.child("trials").child(trial) for trial in stored.trial_id}
+    began = {trial: run.child("run_record.json").mtime_ns() for trial, run in runs.items()}
     first, second = sorted(began, key=began.get)
-    assert began[second] < (runs[first] / "final_metrics.json").stat().st_mtime
-    tracked = directory / "mlruns"  # beside the trials, never in the working directory
+    assert began[second] < runs[first].child("final_metrics.json").mtime_ns()
+    tracked = tmp_path / "mlruns"  # trials in a bucket: MLflow's file store stays at the (local) root
     names = {path.read_text() for path in tracked.glob("*/*/tags/mlflow.runName")}
-    assert names == set(stored.trial_id) and not (tmp_path / "mlruns").exists()
+    assert names == set(stored.trial_id) and list(tmp_path.glob("s3*")) == [] and not (tmp_path / "runs").exists()
     experiments = [path.read_text() for path in tracked.glob("*/meta.yaml")]
     assert sum("name: sweep-t" in meta for meta in experiments) == 1  # made once, before the concurrent trials
 
     again = _cli("sweep", "--config", str(sweep_config), env=cluster.env, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert sorted(pd.read_parquet(directory / "trials.parquet").trial_id) == sorted(stored.trial_id)
+    assert sorted(directory.child("trials.parquet").read_parquet().trial_id) == sorted(stored.trial_id)
     assert len(_actors(cluster, "RayTrainWorker")) == len(before) + 2  # restored, not trained again
 
-    best = json.loads((directory / "best.json").read_text())
+    best = json.loads(directory.child("best.json").read_text())
     assert best["searched"] == {"design.spelling": stored["design.spelling"][0], "warmup_ratio": stored.warmup_ratio[0]}
     for mode in (Mode.BEHAVIORSFT, Mode.SFT):  # what the main job trains after the sweep
         follow = step_config(TrainConfig, CONFIGS / "behaviorsft.yaml", training_values(mode, "after", best))
@@ -559,7 +560,7 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
     eval_config = tmp_path / "eval.yaml"
     board = tmp_path / "lb.parquet"
     eval_values = {"data": str(sample), "max_tasks": 16, "bootstrap": 50, "answers": False, "agents": agents}
-    eval_values.update(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "eval"), leaderboard=str(board))
+    eval_values.update(runs_dir=values["runs_dir"], output_dir=str(tmp_path / "eval"), leaderboard=str(board))
     eval_config.write_text(yaml.safe_dump(eval_values))
     evaluated = _cli("eval", "--config", str(eval_config), env=cluster.env, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]

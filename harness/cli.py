@@ -90,7 +90,7 @@ def data_make(
 
 @data_app.command("validate")
 def data_validate(
-    path: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file, or a directory of them.")],
+    path: Annotated[str, typer.Argument(help="A .jsonl or .parquet file, or a directory of them (a path or a URI).")],
     taxonomy: TaxonomyOption = None,
 ) -> None:
     """Check every row; print `PATH:LINE: field: problem` for each problem (exit 1), else the counts."""
@@ -301,8 +301,9 @@ def report(
         str, typer.Option(help="Directory of <agent>-<run id>.parquet predictions (a path or a URI).")
     ] = "artifacts/eval",
     data: Annotated[
-        Path, typer.Option(help="The BehaviorBench data (file or directory) the agents were evaluated on.")
-    ] = Path("artifacts/data/tasks.jsonl"),
+        str,
+        typer.Option(help="The BehaviorBench data (file or directory, a path or a URI) the agents were evaluated on."),
+    ] = "artifacts/data/tasks.jsonl",
     out: Annotated[Path, typer.Option(help="The HTML page to write.")] = Path("results/report.html"),
     dataset: Annotated[
         str | None, typer.Option(help="Dataset fingerprint to report (default: the latest run's).")

@@ -116,7 +116,7 @@ def read_predictions(path: Location) -> pd.DataFrame:
 def load(
     board_path: str | Path,
     predictions_path: str | Path,
-    data: Path,
+    data: str | Path,
     dataset: str | None = None,
     split: str | None = None,
     taxonomy: Path | None = None,

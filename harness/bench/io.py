@@ -41,24 +41,28 @@ BLOCK_BYTES = 32 * 2**20
 @dataclass(frozen=True)
 class DataFile:
     local: Path  # where this process reads it: the file, or this node's copy of a file at a storage URI
-    source: str  # what problems name and Ray Data reads: the local path, or that URI
+    source: str  # what problems name: the local path, or that URI
+    read: str  # what Ray Data's read tasks open, on any node: the local path, or the URI's path in its filesystem
 
 
 def data_files(path: str | Path) -> list[DataFile]:
     """The data files at `path` (a local path or a storage URI): the file itself, or every .jsonl/.parquet under a
     directory."""
     local = store.local_data(path)
+    remote = store.location(path, "data") if store.is_uri(path) else None
     if local.is_dir():
         found = sorted(p for p in local.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not found:
             raise DataError([], f"{path}: no .jsonl or .parquet files in this directory")
-        prefix = str(path).rstrip("/") if store.is_uri(path) else None
-        return [DataFile(f, f"{prefix}/{f.relative_to(local).as_posix()}" if prefix else str(f)) for f in found]
+        if remote is None:
+            return [DataFile(f, str(f), str(f)) for f in found]
+        names = [f.relative_to(local).as_posix() for f in found]
+        return [DataFile(f, str(remote.child(n)), remote.child(n).path) for f, n in zip(found, names, strict=True)]
     if not local.exists():
         raise DataError([], f"{path}: no such file or directory")
     if local.suffix not in SUFFIXES:
         raise DataError([], f"{path}: unsupported file type {local.suffix!r} (use .jsonl or .parquet)")
-    return [DataFile(local, str(path))]
+    return [DataFile(local, str(path), remote.path if remote else str(local))]
 
 
 def _parquet_file(file: DataFile) -> pq.ParquetFile:
@@ -260,13 +264,13 @@ def load_dataset(
             write_atomic(clean, write_clean)
         finally:
             rejects.close()
-        files = [DataFile(clean, str(clean))]
+        files = [DataFile(clean, str(clean), str(clean))]
     remote_args: dict[str, Any] = {"num_cpus": num_cpus}
-    if result.problems:  # the clean copy is on this node only: its read tasks run here
+    if result.problems:  # the clean copy is on this node only: its read tasks run here, even on a 0-CPU head
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = ray.get_runtime_context().get_node_id()
-        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=False)
+        remote_args = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
     # Read tasks run on any node: they read a file at a storage URI from there, not this node's copy.
     filesystem = store.location(str(path), "data").fs if store.is_uri(files[0].source) else None
     readers = {
@@ -278,14 +282,9 @@ def load_dataset(
         chosen = [f for f in files if f.local.suffix == suffix]
         if chosen:
             options = {"filesystem": filesystem, "ray_remote_args": remote_args, "override_num_blocks": _blocks(chosen)}
-            rows = read(_read_paths(chosen), **options)
+            rows = read([f.read for f in chosen], **options)
             parts.append(rows.map(parse, num_cpus=num_cpus))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
-
-def _read_paths(files: list[DataFile]) -> list[str]:
-    """What Ray Data opens: local paths, or the paths of URIs inside their filesystem (`bucket/key`)."""
-    return [store.location(f.source, "data").path if store.is_uri(f.source) else str(f.local) for f in files]
 
 
 def fingerprint(path: str | Path) -> str:

@@ -49,7 +49,7 @@ def _config(sample, tiny_model, behavior_model, tmp_path, **extra) -> dict:
 
 
 def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, behavior_model, tmp_path, ray_local):
-    cfg = config.build(EvalConfig, _config(sample, tiny_model, behavior_model, tmp_path, part_size=32))
+    cfg = config.build(EvalConfig, _config(sample, tiny_model, behavior_model, tmp_path, part_size=16))
     result = evaluate(cfg)
     assert result.failures == []
     table = result.metrics
@@ -84,7 +84,9 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     assert set(table.agent) == {"zero-shot", "bsft"}
     before = leaderboard.read(cfg.leaderboard)
     parts = sorted(out.glob("*/part-*.parquet"))
-    assert len(parts) >= 2 * 2  # several parts per agent: progress is kept as it comes
+    # Several parts per agent: progress is kept as it comes. 48 tasks in parts of 16 leave no short last part,
+    # which Ray Data may bundle with a full one when it arrives first (parts of 32 gave 1 part per agent once).
+    assert len(parts) >= 2 * 2
 
     leaderboard.append(cfg.leaderboard, evaluate(cfg).metrics)
     assert sorted(out.glob("*/part-*.parquet")) == parts  # nothing re-run

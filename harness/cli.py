@@ -168,15 +168,14 @@ def train(config: ConfigOption = None, overrides: OverridesArgument = None) -> N
 def sweep(config: ConfigOption = None, overrides: OverridesArgument = None) -> None:
     """Sweep token designs and hyperparameters with Ray Tune (ASHA); a re-run resumes the sweep."""
     from harness import config as configs
-    from harness.sweep import SweepConfig
+    from harness.sweep import SweepConfig, summary
     from harness.sweep import sweep as run_sweep
 
     cfg = rooted(configs.load(SweepConfig, config, overrides or []))
-    with quiet("sweep"):
-        table = run_sweep(cfg)
-    shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", "initial_dev_macro_f1", "status"]
+    with quiet("sweep"), progress_bars() as bars:
+        table = run_sweep(cfg, progress=bars.training)
     print_frame(
-        table[[c for c in dict.fromkeys(shown) if c in table.columns]],
+        summary(table, cfg),
         title=f"sweep {cfg.name}: trials ranked by {cfg.metric} ({cfg.directory.child('trials.parquet')})",
     )
     console.print(f"best: sweep:{cfg.name}:best", highlight=False)

@@ -138,14 +138,11 @@ def _ties_above(rows: pd.DataFrame, agent: str, above: str) -> bool:
     return bool(len(diff)) and bool((diff["ci_low"] <= 0).iloc[0] and (diff["ci_high"] >= 0).iloc[0])
 
 
-def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
-    """Each agent's latest run on one dataset fingerprint and split, best overall Macro F1 first.
+def latest_runs(frame: pd.DataFrame, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
+    """The rows of each agent's latest run on one dataset fingerprint and split.
 
-    `dataset` and `split` default to those of the most recent row; `table.attrs` holds the ones used;
+    `dataset` and `split` default to those of the most recent row; `attrs` holds the ones used;
     ValueError when no row matches the ones given.
-    Columns are `TABLE_COLUMNS` (see `COLUMN_HELP`). Walking down the ranking, an agent whose paired
-    difference to the agent just above is not significant (its `vs:` row's 95% interval includes 0)
-    shares that agent's rank; without paired rows, ranks are 1, 2, 3, ...
     """
     chosen = frame
     if dataset is not None:
@@ -155,13 +152,30 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
     if chosen.empty:
         if not frame.empty:
             raise ValueError(f"no runs on dataset {dataset or 'any'}, split {split or 'any'}")
-        table = pd.DataFrame(columns=TABLE_COLUMNS)
-        table.attrs.update(dataset=dataset, split=split)
-        return table
+        chosen = frame.iloc[:0].copy()
+        chosen.attrs.update(dataset=dataset, split=split)
+        return chosen
     newest = chosen.sort_values("timestamp", kind="stable").iloc[-1]
     chosen = chosen[(chosen["dataset"] == newest["dataset"]) & (chosen["split"] == newest["split"])]
     latest = chosen.sort_values("timestamp", kind="stable").groupby("agent")["run_id"].last()
-    chosen = chosen[chosen["run_id"].isin(latest.values)]
+    chosen = chosen[chosen["run_id"].isin(latest.values)].copy()
+    chosen.attrs.update(dataset=str(newest["dataset"]), split=str(newest["split"]))
+    return chosen
+
+
+def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
+    """Each agent's latest run on one dataset fingerprint and split (see `latest_runs`), best overall Macro F1
+    first; `table.attrs` holds the dataset and split used.
+
+    Columns are `TABLE_COLUMNS` (see `COLUMN_HELP`). Walking down the ranking, an agent whose paired
+    difference to the agent just above is not significant (its `vs:` row's 95% interval includes 0)
+    shares that agent's rank; without paired rows, ranks are 1, 2, 3, ...
+    """
+    chosen = latest_runs(frame, dataset, split)
+    if chosen.empty:
+        table = pd.DataFrame(columns=TABLE_COLUMNS)
+        table.attrs.update(chosen.attrs)
+        return table
     records = []
     for agent, group in chosen.groupby("agent", sort=True):
         metrics = group.set_index(["subset", "slice", "metric"])
@@ -182,7 +196,7 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
         ranks.append(ranks[-1] if i and _ties_above(chosen, agent, agents[i - 1]) else i + 1)
     table.insert(0, "rank", ranks)
     table = table[TABLE_COLUMNS].reset_index(drop=True)
-    table.attrs.update(dataset=str(newest["dataset"]), split=str(newest["split"]))
+    table.attrs.update(chosen.attrs)
     return table
 
 

@@ -3,7 +3,6 @@ causal LM, and LoRA through peft."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -114,16 +113,10 @@ def local_or_hub(name_or_path: str) -> str:
     return name_or_path
 
 
-def cache_dir() -> Path:
-    """This node's cache of models downloaded from storage URIs: `$HARNESS_CACHE/models`, else
-    `~/.cache/behaviorbench-harness/models`."""
-    return store.cache_root() / "models"
-
-
 def local_copy(path: str) -> str:
     """A loadable model path: a model in an object store (`s3://bucket/runs/NAME/final`) is downloaded once per
-    node, through Ray's checkpoint API, into `cache_dir()` under a key of its files' sizes and times (a retrained
-    run is a new key); a local path or hub id is returned as is."""
+    node, through Ray's checkpoint API, into `store.cache_root()/models` under a key of its files' sizes and
+    times (a retrained run is a new key); a local path or hub id is returned as is."""
     if not store.is_uri(path):
         return path
     from ray.train import Checkpoint
@@ -131,14 +124,7 @@ def local_copy(path: str) -> str:
     stamp = store.model_stamp(path)
     if not stamp:
         raise ConfigError(f"model {path}: no files there")
-    target = cache_dir() / hashlib.sha256(f"{path}|{stamp}".encode()).hexdigest()[:16]
-    if not (target / "config.json").exists():
-        try:
-            write_model_dir(target, lambda tmp: Checkpoint(path).to_directory(str(tmp)))
-        except ConfigError:  # another process on this node finished the same download first
-            if not (target / "config.json").exists():
-                raise
-    return str(target)
+    return str(store.cached_copy("models", f"{path}|{stamp}", lambda tmp: Checkpoint(path).to_directory(str(tmp))))
 
 
 def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:

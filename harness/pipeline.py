@@ -20,7 +20,7 @@ from harness.errors import ConfigError
 from harness.evaluate import EvalConfig, evaluate
 from harness.model import TINY_MODEL, local_or_hub, make_tiny, models_dir
 from harness.selection import Mode
-from harness.sweep import SweepConfig, sweep
+from harness.sweep import SweepConfig, summary, sweep
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, train
 
@@ -124,8 +124,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
         sweep_cfg = step_config(SweepConfig, CONFIGS / profile.sweep_config, paths)
         best = sweep_cfg.directory.child("best.json")
         if not best.exists():
-            table = sweep(sweep_cfg)
-            log(table.to_string(index=False, max_colwidth=40))
+            table = sweep(sweep_cfg, progress=progress and progress.training)
+            log(summary(table, sweep_cfg).to_string(index=False))
         chosen = json.loads(best.read_text())
         log(f"best trial {chosen['trial_id']}: design {chosen['design']}, dev Macro F1 {chosen['dev_macro_f1']:.3f}")
         return chosen

@@ -126,24 +126,23 @@ def load(
     board, predictions_dir = location(board_path, "--leaderboard"), location(predictions_path, "--predictions")
     if not board.exists():
         raise HarnessError(f"{board}: no leaderboard yet (run `harness eval` first)")
-    frame = leaderboard.read(board)
     try:
-        ranking = leaderboard.ranking(frame, dataset=dataset, split=split)
+        runs = leaderboard.latest_runs(leaderboard.read(board), dataset=dataset, split=split)
     except ValueError as exc:
         raise HarnessError(f"{board}: {exc}") from None
-    if ranking.empty:
+    if runs.empty:
         raise HarnessError(f"{board}: the leaderboard has no rows")
-    dataset, split = ranking.attrs["dataset"], ranking.attrs["split"]
+    ranking = leaderboard.ranking(runs)
+    dataset, split = runs.attrs["dataset"], runs.attrs["split"]
     data_id = fingerprint(data)
     if data_id != dataset:
         raise HarnessError(
             f"{data}: fingerprint {data_id} is not the ranked runs' dataset {dataset} "
             "(pass the data the agents were evaluated on, or --dataset)"
         )
-    chosen = frame[(frame["dataset"] == dataset) & (frame["split"] == split)]
-    runs = chosen.sort_values("timestamp", kind="stable").groupby("agent")["run_id"].last()  # as in ranking
-    rows = {agent: chosen[(chosen["agent"] == agent) & (chosen["run_id"] == runs[agent])] for agent in ranking.agent}
-    files = {agent: predictions_dir.child(f"{agent}-{runs[agent]}.parquet") for agent in ranking.agent}
+    rows = {agent: runs[runs["agent"] == agent] for agent in ranking.agent}
+    run_ids = {agent: agent_rows["run_id"].iloc[0] for agent, agent_rows in rows.items()}
+    files = {agent: predictions_dir.child(f"{agent}-{run_id}.parquet") for agent, run_id in run_ids.items()}
     predictions = {agent: read_predictions(path) for agent, path in files.items()}
     # Rows that fail validation are skipped, as an evaluation with skip_bad_rows did: none of them was predicted.
     tasks = load_tasks(data, load_taxonomy(taxonomy), skip_bad_rows=True, split=split)

@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -78,6 +78,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("HARNESS_CACHE", "~/.cache/behaviorbench-harness")).expanduser()
 
 
+def cached_copy(kind: str, key: str, fetch: Callable[[Path], None]) -> Path:
+    """This node's copy of something in storage: `cache_root()/kind/<hash of key>`, filled once by `fetch` on a
+    new temporary sibling that is then renamed into place, so it is whole or absent. When another process on
+    this node finishes the same copy first, its copy is used."""
+    target = cache_root() / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if target.exists():
+        return target
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        fetch(tmp)
+        tmp.replace(target)
+    except OSError:  # the rename fails onto a finished copy; any other error is raised
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def local_data(path: str | Path) -> Path:
     """Task data as a local path: a file or directory at a storage URI is downloaded once per node into
     `cache_root()/data`, under a key of its files' sizes and times (changed data is a new key); a local path is
@@ -88,21 +108,10 @@ def local_data(path: str | Path) -> Path:
     info = source.fs.get_file_info(source.path)
     if info.type == pafs.FileType.NotFound:
         raise DataError([], f"{path}: no such file or directory")
-    stamp = source.stamp() if info.type == pafs.FileType.Directory else f"{info.size}:{info.mtime_ns}"
-    target = cache_root() / "data" / hashlib.sha256(f"{source}|{stamp}".encode()).hexdigest()[:16]
-    name = info.base_name
-    if not target.exists():
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        tmp.mkdir(parents=True)
-        try:
-            _download(source, tmp / name, info.type == pafs.FileType.Directory)
-            tmp.replace(target)
-        except OSError:  # another process on this node finished the same download first
-            if not target.exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target / name
+    directory = info.type == pafs.FileType.Directory
+    stamp = source.stamp() if directory else f"{info.size}:{info.mtime_ns}"
+    copy = cached_copy("data", f"{source}|{stamp}", lambda tmp: _download(source, tmp / info.base_name, directory))
+    return copy / info.base_name
 
 
 def _download(source: Location, out: Path, directory: bool) -> None:
@@ -156,10 +165,15 @@ class Location:
         if self.fs.get_file_info(self.path).type == pafs.FileType.File:
             self.fs.delete_file(self.path)
 
+    def dirs(self, pattern: str = "*") -> list[str]:
+        """The names of the directories directly under this one that match the glob `pattern`, sorted."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+        return sorted(name for name in names if fnmatch.fnmatchcase(name, pattern))
+
     def has_dir(self, pattern: str) -> bool:
         """Whether a directory directly under this one has a name matching the glob `pattern`."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return any(i.type == pafs.FileType.Directory and fnmatch.fnmatchcase(i.base_name, pattern) for i in infos)
+        return bool(self.dirs(pattern))
 
     def stamp(self) -> str:
         """What identifies the files under this directory: their paths, sizes and times of last change."""

@@ -24,7 +24,7 @@ from harness.errors import ConfigError
 from harness.names import check_name
 from harness.tokens import TokenDesign
 from harness.tracking import create_experiment
-from harness.train import TrainConfig, init_ray
+from harness.train import PROGRESS_FILE, TrainConfig, TrainProgress, init_ray, watched
 
 TRIAL_MEMORY = 64 * 2**20  # bytes reserved by a trial's driver function
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -189,8 +189,15 @@ def _trial_rows(results, cfg: SweepConfig) -> pd.DataFrame:
     return order.reset_index(drop=True)  # ties broken by trial id: the same ranking on every restore
 
 
-def sweep(cfg: SweepConfig) -> pd.DataFrame:
-    """Run (or resume) the sweep; write trials.parquet and best.json; return the ranked trials."""
+def summary(table: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
+    """The ranked trials' columns a terminal shows: id, design, searched keys, dev metrics and status."""
+    shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", "initial_dev_macro_f1", "status"]
+    return table[[c for c in dict.fromkeys(shown) if c in table.columns]]
+
+
+def sweep(cfg: SweepConfig, progress: TrainProgress | None = None) -> pd.DataFrame:
+    """Run (or resume) the sweep; write trials.parquet and best.json; return the ranked trials. `progress` is
+    called, as in `train`, with each trial's training reports (the run name is the trial id)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -244,7 +251,9 @@ def sweep(cfg: SweepConfig) -> pd.DataFrame:
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             ),
         )
-    results = tuner.fit()
+    trials_dir = directory.child("trials")
+    with watched(lambda: {name: trials_dir.child(name).child(PROGRESS_FILE) for name in trials_dir.dirs()}, progress):
+        results = tuner.fit()
     table = _trial_rows(results, cfg)
     directory.child("trials.parquet").write_parquet(table)
     finished = table[table["status"] == "finished"].dropna(subset=[cfg.metric])

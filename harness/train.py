@@ -49,6 +49,7 @@ __all__ = [  # the split-out names stay importable from here: the sweep, pipelin
     "prepare_datasets",
     "train",
     "train_loop_per_worker",
+    "watched",
     "weighted_loss",
 ]
 
@@ -360,34 +361,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _watched(progress_file: Location, name: str, progress: TrainProgress | None) -> Iterator[None]:
-    """While the block runs, call `progress` with each new report rank 0 writes to `progress_file`."""
+def watched(progress_files: Callable[[], dict[str, Location]], progress: TrainProgress | None) -> Iterator[None]:
+    """While the block runs, call `progress` with each new report in the progress files of the runs that
+    `progress_files` lists (by run name; rank 0 of each run writes its file)."""
     if progress is None:
         yield
         return
-    done, seen = threading.Event(), 0
+    done, seen = threading.Event(), dict[str, int]()
 
     def poll() -> None:
-        nonlocal seen
-        changed = progress_file.mtime_ns()
-        if changed is not None and changed != seen:
-            seen = changed
-            report = json.loads(progress_file.read_text())
-            progress(name, report["step"], report["total"], report["metrics"])
+        for name, progress_file in progress_files().items():
+            changed = progress_file.mtime_ns()
+            if changed is not None and changed != seen.get(name):
+                seen[name] = changed
+                report = json.loads(progress_file.read_text())
+                progress(name, report["step"], report["total"], report["metrics"])
 
     def watch() -> None:
         while not done.wait(2.0):
             poll()
 
-    progress_file.delete()  # an earlier attempt's last report is not this one's progress
-    watcher = threading.Thread(target=watch, name=f"progress-{name}", daemon=True)
+    watcher = threading.Thread(target=watch, name="progress", daemon=True)
     watcher.start()
     try:
         yield
     finally:
         done.set()
         watcher.join()
-        poll()  # the final report
+        poll()  # the final reports
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgress | None = None) -> TrainResult:
@@ -448,7 +449,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgre
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    with _watched(run_dir.child(PROGRESS_FILE), cfg.run_name, progress):
+    progress_file = run_dir.child(PROGRESS_FILE)
+    progress_file.delete()  # an earlier attempt's last report is not this one's progress
+    with watched(lambda: {cfg.run_name: progress_file}, progress):
         result = trainer.fit()
     if result.error:
         raise result.error

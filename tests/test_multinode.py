@@ -16,6 +16,7 @@ before any worker starts.
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -555,6 +556,8 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
         assert (trained["design"]["spelling"], trained["warmup_ratio"]) == searched
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
     assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
+    for trial in stored.trial_id:  # the driver's bar of each trial's steps, read from the bucket as they trained
+        assert re.search(rf"^{trial} +━+ (\d+)/\1 ", run.stdout, re.MULTILINE), run.stdout[-3000:]
     # Both trials ran at once (a trial's driver reserves no CPU, each one's worker one): the later trial saved its
     # config before the earlier one finished, and their workers ran one on each node. Their training may still
     # take turns: Ray Data's reads in one trial's worker can hold the other node's spare CPU for a while (seen

@@ -93,3 +93,35 @@ def test_run_and_sweep_references_resolve_under_the_runs_root_and_never_as_a_loc
             store.model_path(reference, runs)
     with pytest.raises(ConfigError, match="no finished sweep at"):
         store.model_path("sweep:s2:best", runs)
+
+
+def test_a_cached_copy_is_fetched_once_whole_or_not_at_all_and_a_concurrent_finished_copy_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    fetches: list[Path] = []
+
+    def fetch(into: Path) -> None:
+        fetches.append(into)
+        (into / "weights").write_text("mine")
+
+    first = store.cached_copy("models", "s3://b/m|1", fetch)
+    assert store.cached_copy("models", "s3://b/m|1", fetch) == first
+    assert len(fetches) == 1 and (first / "weights").read_text() == "mine"
+    assert store.cached_copy("models", "s3://b/m|2", fetch) != first  # a changed stamp is a new copy
+
+    def broken(into: Path) -> None:
+        (into / "weights").write_text("half")
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        store.cached_copy("data", "s3://b/d|1", broken)
+    assert list((tmp_path / "cache" / "data").iterdir()) == []  # no partial copy, no temporary left
+
+    def overtaken(into: Path) -> None:  # another process on this node renames its copy in first
+        target = into.with_name(into.name.split(".")[1])
+        target.mkdir()
+        (target / "weights").write_text("theirs")
+        (into / "weights").write_text("mine")
+
+    won = store.cached_copy("data", "s3://b/d|2", overtaken)
+    assert (won / "weights").read_text() == "theirs"
+    assert [p.name for p in won.parent.iterdir()] == [won.name]

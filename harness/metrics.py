@@ -243,8 +243,6 @@ def paired(predictions: dict[str, pd.DataFrame], samples: int = 1000, seed: int 
     excludes 0. Raises ValueError when an agent's predictions cannot be scored or two agents disagree
     on a task's gold behavior.
     """
-    from scipy.stats import binomtest  # imported here: scipy.stats takes seconds to import, only paired needs it
-
     for name, frame in predictions.items():
         try:
             check_predictions(frame)
@@ -270,6 +268,8 @@ def paired(predictions: dict[str, pd.DataFrame], samples: int = 1000, seed: int 
         if samples:
             counts = case_bootstrap(_case_codes(first.reset_index()), cells, k, samples, seed)
             draws = _f1_from_counts(counts[:, 0]) - _f1_from_counts(counts[:, 1])
+        from scipy.stats import binomtest  # imported here, once there is a pair: scipy.stats takes 1.5 s to import
+
         only_a = int(((pred_a == gold) & (pred_b != gold)).sum())
         only_b = int(((pred_b == gold) & (pred_a != gold)).sum())
         p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0

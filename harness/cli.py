@@ -240,15 +240,18 @@ def score(
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% CIs (0: none).")] = 1000,
+    taxonomy: TaxonomyOption = None,
 ) -> None:
-    """Recompute the metrics of a predictions file."""
+    """Recompute the metrics of a predictions file (its behaviors must be the taxonomy's)."""
+    from harness.bench import load_taxonomy
     from harness.metrics import read_table
     from harness.metrics import score as score_predictions
 
     if not predictions.exists():
         raise HarnessError(f"{predictions}: no such file")
+    behaviors = load_taxonomy(taxonomy).behaviors
     try:
-        table = score_predictions(read_table(predictions), samples=bootstrap)
+        table = score_predictions(read_table(predictions), samples=bootstrap, behaviors=behaviors)
     except ValueError as exc:
         raise HarnessError(f"{predictions}: {exc}") from None
     if as_json:

@@ -174,7 +174,7 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
     chosen = latest_runs(frame, dataset, split)
     if chosen.empty:
         table = pd.DataFrame(columns=TABLE_COLUMNS)
-        table.attrs.update(chosen.attrs)
+        table.attrs.update(dataset=chosen.attrs["dataset"], split=chosen.attrs["split"])
         return table
     records = []
     for agent, group in chosen.groupby("agent", sort=True):
@@ -196,7 +196,7 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
         ranks.append(ranks[-1] if i and _ties_above(chosen, agent, agents[i - 1]) else i + 1)
     table.insert(0, "rank", ranks)
     table = table[TABLE_COLUMNS].reset_index(drop=True)
-    table.attrs.update(chosen.attrs)
+    table.attrs.update(dataset=chosen.attrs["dataset"], split=chosen.attrs["split"])
     return table
 
 

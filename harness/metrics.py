@@ -28,7 +28,7 @@ bootstrap interval (the same case draws for both agents) and the exact McNemar p
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -55,8 +55,8 @@ def read_table(path: str | Path | Location) -> pd.DataFrame:
         raise ValueError(f"not a readable Parquet file ({first_line(exc)})") from None
 
 
-def check_predictions(predictions: pd.DataFrame) -> None:
-    """Raise ValueError with one line unless every row can be scored."""
+def check_predictions(predictions: pd.DataFrame, behaviors: Collection[str] | None = None) -> None:
+    """Raise ValueError with one line unless every row can be scored (with `behaviors`: and names one of them)."""
     if predictions.empty:
         raise ValueError("no predictions")
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
@@ -82,6 +82,14 @@ def check_predictions(predictions: pd.DataFrame) -> None:
     duplicated = ids.duplicated().to_numpy()
     if duplicated.any():
         raise ValueError(f"task_id {ids[duplicated].iloc[0]} occurs more than once ({duplicated.sum()} repeat(s))")
+    for column in ("gold_behavior", "pred_behavior") if behaviors is not None else ():
+        unknown = ~predictions[column].reset_index(drop=True).isin(list(behaviors)).to_numpy()
+        if unknown.any():
+            value = predictions[column].reset_index(drop=True)[unknown].iloc[0]
+            raise ValueError(
+                f"{column} {value!r} is not a behavior of the taxonomy {list(behaviors)} for {unknown.sum()} "
+                f"task(s), first {ids[unknown].iloc[0]}"
+            )
 
 
 def _f1_from_counts(counts: np.ndarray) -> np.ndarray:
@@ -208,12 +216,14 @@ def _slice_rows(
     return rows
 
 
-def score(predictions: pd.DataFrame, samples: int = 1000, seed: int = 0) -> pd.DataFrame:
+def score(
+    predictions: pd.DataFrame, samples: int = 1000, seed: int = 0, behaviors: Collection[str] | None = None
+) -> pd.DataFrame:
     """Tidy metrics (see the module docstring) of one agent's predictions, with case-bootstrap 95% CIs.
 
     Raises ValueError with one line when `predictions` cannot be scored (`check_predictions`).
     """
-    check_predictions(predictions)
+    check_predictions(predictions, behaviors)
     labels, (gold, pred) = _encode(predictions["gold_behavior"], predictions["pred_behavior"])
     k = len(labels)
     cells = (gold * k + pred)[:, None]

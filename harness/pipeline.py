@@ -125,7 +125,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
         best = sweep_cfg.directory.child("best.json")
         if not best.exists():
             table = sweep(sweep_cfg, progress=progress and progress.training)
-            log(summary(table, sweep_cfg).to_string(index=False))
+            log(summary(table, sweep_cfg).to_string(index=False, max_colwidth=40))
         chosen = json.loads(best.read_text())
         log(f"best trial {chosen['trial_id']}: design {chosen['design']}, dev Macro F1 {chosen['dev_macro_f1']:.3f}")
         return chosen

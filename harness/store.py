@@ -90,7 +90,7 @@ def cached_copy(kind: str, key: str, fetch: Callable[[Path], None]) -> Path:
     try:
         fetch(tmp)
         tmp.replace(target)
-    except OSError:  # the rename fails onto a finished copy; any other error is raised
+    except OSError:  # the rename fails onto another process's finished copy, which is then used
         if not target.exists():
             raise
     finally:

@@ -370,12 +370,21 @@ def watched(progress_files: Callable[[], dict[str, Location]], progress: TrainPr
     done, seen = threading.Event(), dict[str, int]()
 
     def poll() -> None:
-        for name, progress_file in progress_files().items():
-            changed = progress_file.mtime_ns()
-            if changed is not None and changed != seen.get(name):
-                seen[name] = changed
-                report = json.loads(progress_file.read_text())
-                progress(name, report["step"], report["total"], report["metrics"])
+        # A failed listing or read (storage unreachable a moment, a file deleted as a run restarts) skips this
+        # look: progress is for display and never stops the work it watches.
+        try:
+            files = progress_files()
+        except OSError:
+            return
+        for name, progress_file in files.items():
+            try:
+                changed = progress_file.mtime_ns()
+                if changed is not None and changed != seen.get(name):
+                    report = json.loads(progress_file.read_text())
+                    progress(name, report["step"], report["total"], report["metrics"])
+                    seen[name] = changed
+            except (OSError, ValueError, KeyError):
+                continue
 
     def watch() -> None:
         while not done.wait(2.0):
@@ -388,7 +397,8 @@ def watched(progress_files: Callable[[], dict[str, Location]], progress: TrainPr
     finally:
         done.set()
         watcher.join()
-        poll()  # the final reports
+        seen.clear()  # the final reports, also one written in the same second as the last seen (S3 times)
+        poll()
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgress | None = None) -> TrainResult:

@@ -19,6 +19,7 @@ import yaml
 
 from harness import config
 from harness.bench import load_dataset, load_tasks, load_taxonomy, validate
+from harness.cli import run
 from harness.errors import ConfigError, DataError
 from harness.files import write_atomic, write_text
 from harness.sweep import SweepConfig
@@ -171,6 +172,23 @@ def test_cli_keeps_a_numeric_run_name_a_string(tmp_path: Path):
         "override 'run_name=a: b: c': the value is not valid YAML at line 1, column 5: "
         "mapping values are not allowed here",
     )
+
+
+@pytest.mark.parametrize("case", yaml.safe_load((BAD_DIR / "configs.yaml").read_text()))
+def test_bad_numbers_names_and_values_in_configs_are_one_line_before_anything_is_written(
+    tmp_path: Path, monkeypatch, capsys, case: dict
+):
+    config_file = tmp_path / "eval.yaml"
+    agent = {"name": "a", "model": "tiny-qwen2", "mode": "zero_shot"}
+    config_file.write_text(yaml.safe_dump({"agents": [agent], **case.get("config", {})}))
+    args = ["--config", str(config_file)] if case["command"] == "eval" else case["overrides"]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = _listing(ROOT)
+    assert run([case["command"], *args]) == 1
+    assert capsys.readouterr().err == "error: " + case["error"].format(config=config_file, names=NAMES) + "\n"
+    assert _listing(ROOT) == before and list(cwd.iterdir()) == []
 
 
 # 4. Sweep search spaces and names

@@ -1,11 +1,15 @@
 """The quiet console: library output (this process, its children) goes to a log file; harness lines stay."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from harness import store
+from harness.train import watched
 
 SCRIPT = """
 import os, subprocess, sys
@@ -57,3 +61,19 @@ def test_progress_bars_show_training_steps_with_the_latest_metrics_and_evaluated
     assert "behaviorsft-tiny" in shown and "12/12" in shown
     assert "loss 1.250  dev_loss 1.500  dev_macro_f1 0.625" in shown
     assert "zero-shot" in shown and "32/40" in shown and "tokens_per_s" not in shown
+
+
+def test_progress_watching_reports_each_runs_latest_and_never_stops_the_work(tmp_path):
+    good, torn, gone = (store.location(str(tmp_path / name), "progress") for name in ("a", "b", "c"))
+    good.write_text(json.dumps({"step": 3, "total": 4, "metrics": {"loss": 0.5}}))
+    torn.write_text('{"step": 1, "tot')  # unreadable: skipped, the others still reported
+    seen: list[tuple] = []
+    with watched(lambda: {"a": good, "b": torn, "c": gone}, lambda *report: seen.append(report)):
+        good.write_text(json.dumps({"step": 4, "total": 4, "metrics": {"loss": 0.25}}))
+    assert seen[-1] == ("a", 4, 4, {"loss": 0.25}) and {name for name, *_ in seen} == {"a"}
+
+    def unreachable() -> dict:
+        raise OSError("storage unreachable")
+
+    with watched(unreachable, lambda *report: seen.append(report)):
+        pass  # the block's own result is what counts: no error from watching

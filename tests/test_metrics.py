@@ -12,6 +12,7 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 
 from harness.cli import run
 from harness.metrics import case_bootstrap, macro_f1, paired, score
+from tests.test_leaderboard import _rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,10 +180,23 @@ def test_score_cli_bad_files_print_one_line(tmp_path, capsys):
     text.write_text("task_id,pred_behavior\nt1,reactive\n")
     nulls = tmp_path / "nulls.parquet"
     frame.assign(pred_behavior=frame.pred_behavior.where(frame.task_id != "t7")).to_parquet(nulls)
+    unknown = tmp_path / "unknown.parquet"
+    frame.assign(pred_behavior=frame.pred_behavior.mask(frame.task_id.isin(["t3", "t9"]), "banana")).to_parquet(unknown)
+    empty = tmp_path / "empty.parquet"
+    frame.iloc[:0].to_parquet(empty)
+    board = tmp_path / "leaderboard.parquet"
+    _rows("a", "r1", 0.9).to_parquet(board)
     for path, message in [
         (truncated, "not a readable Parquet file ("),
         (text, "not a readable Parquet file ("),
         (nulls, "pred_behavior is null for 1 task(s), first t7"),
+        (
+            unknown,
+            "pred_behavior 'banana' is not a behavior of the taxonomy ['reactive', 'proactive'] for 2 task(s), "
+            "first t3\n",
+        ),
+        (empty, "no predictions\n"),
+        (board, "predictions lack column(s) ['task_id', "),
     ]:
         assert run(["score", str(path)]) == 1
         err = capsys.readouterr().err

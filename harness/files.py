@@ -5,8 +5,10 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _temp_pattern(path: Path) -> re.Pattern[str]:
-    """The names of `write_atomic`'s temporary siblings of `path`: `.NAME.<32 hex digits>.tmp`."""
+    """The names of the temporary siblings of `path` (files and directories): `.NAME.<32 hex digits>.tmp`."""
     return re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{32}}\.tmp")
 
 
@@ -28,20 +30,44 @@ def _fsync(path: Path) -> None:
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Remove the temporary siblings of `path` left by killed writers; a live writer holds a lock on its own."""
+    """Remove the temporary siblings of `path` (files or directories) left by killed writers; a live writer
+    holds a lock on its own."""
     pattern = _temp_pattern(path)
     for candidate in path.parent.iterdir():
-        if not pattern.fullmatch(candidate.name) or candidate.is_symlink() or not candidate.is_file():
+        if not pattern.fullmatch(candidate.name) or candidate.is_symlink():
             continue
-        fd = os.open(candidate, os.O_RDONLY)
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             continue
         else:
-            candidate.unlink(missing_ok=True)
+            if candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
         finally:
             os.close(fd)
+
+
+@contextmanager
+def temporary_dir_beside(path: Path) -> Iterator[Path]:
+    """A new, locked directory beside `path` (`.NAME.<hex>.tmp`) for the caller to fill and rename to `path`;
+    removed afterwards if it is still there. Directories that killed writers left beside `path` go first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    lock = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # tells other writers of `path` that this directory is in use
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

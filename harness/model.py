@@ -4,11 +4,9 @@ causal LM, and LoRA through peft."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING
 from harness import store
 from harness.bench.io import load_tasks
 from harness.errors import ConfigError
+from harness.files import temporary_dir_beside
 
 if TYPE_CHECKING:
     import torch
@@ -237,19 +236,13 @@ def write_model_dir(out: Path, write: Callable[[Path], None]) -> Path:
     """Call `write` on a new temporary sibling directory of `out`, then rename it into place: `out` is whole
     or absent. Refuses an `out` that exists and is not empty."""
     refuse_non_empty(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
-    try:
+    with temporary_dir_beside(out) as tmp:
         write(tmp)
         try:
             tmp.replace(out)  # replaces only an empty directory: another writer may have finished first
         except OSError:
             refuse_non_empty(out)
             raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

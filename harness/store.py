@@ -33,7 +33,7 @@ import pyarrow
 import pyarrow.fs as pafs
 
 from harness.errors import ConfigError, DataError, first_line
-from harness.files import write_atomic
+from harness.files import temporary_dir_beside, write_atomic
 from harness.names import check_name
 
 if TYPE_CHECKING:
@@ -85,16 +85,13 @@ def cached_copy(kind: str, key: str, fetch: Callable[[Path], None]) -> Path:
     target = cache_root() / kind / hashlib.sha256(key.encode()).hexdigest()[:16]
     if target.exists():
         return target
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir(parents=True)
-    try:
-        fetch(tmp)
-        tmp.replace(target)
-    except OSError:  # the rename fails onto another process's finished copy, which is then used
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with temporary_dir_beside(target) as tmp:
+        try:
+            fetch(tmp)
+            tmp.replace(target)
+        except OSError:  # the rename fails onto another process's finished copy, which is then used
+            if not target.exists():
+                raise
     return target
 
 

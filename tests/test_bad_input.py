@@ -22,6 +22,7 @@ from harness.bench import load_dataset, load_tasks, load_taxonomy, validate
 from harness.cli import run
 from harness.errors import ConfigError, DataError
 from harness.files import write_atomic, write_text
+from harness.model import write_model_dir
 from harness.sweep import SweepConfig
 from harness.train import TrainConfig
 
@@ -455,6 +456,58 @@ def test_a_killed_writer_leaves_the_old_file_and_the_next_write_removes_only_its
         os.close(lock)
     assert target.read_text() == "new"
     assert sorted(p.name for p in target.parent.iterdir()) == sorted([*others, live.name, "table.json"])
+
+
+KILLED_DOWNLOAD = """
+import os
+import signal
+
+from harness import store
+
+
+def download_then_die(tmp):
+    (tmp / "weights").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+store.cached_copy("models", "s3://bucket/model|1", download_then_die)
+"""
+
+
+def test_the_next_copy_removes_the_directory_a_killed_download_left_and_keeps_a_live_one(tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HARNESS_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(_script(tmp_path, KILLED_DOWNLOAD))], env=env)
+    assert run.returncode == -signal.SIGKILL
+    (stale,) = (tmp_path / "cache" / "models").iterdir()
+    assert (stale / "weights").read_text() == "half"
+    live = stale.with_name(re.sub(r"[0-9a-f]{32}", "b" * 32, stale.name))
+    live.mkdir()
+    lock = os.open(live, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a download that is still running holds it
+    try:
+        copy = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from harness import store; print(store.cached_copy('models', "
+                "'s3://bucket/model|1', lambda tmp: (tmp / 'weights').write_text('whole')))",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    finally:
+        os.close(lock)
+    copied = Path(copy.stdout.strip())
+    assert (copied / "weights").read_text() == "whole"
+    assert sorted(p.name for p in copied.parent.iterdir()) == sorted([copied.name, live.name])  # the stale one gone
+
+    model = tmp_path / "models" / "tiny"  # a model directory: the same temporary directories
+    left = model.with_name(f".tiny.{'c' * 32}.tmp")
+    (left / "sub").mkdir(parents=True)
+    write_model_dir(model, lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert sorted(p.name for p in model.parent.iterdir()) == ["tiny"]
 
 
 def test_write_atomic_fsyncs_the_file_then_the_directory(tmp_path: Path, monkeypatch):

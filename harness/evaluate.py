@@ -216,13 +216,14 @@ class AgentPredictor:
         return Selector(model, tokenizer, taxonomy, spec.mode, strategy, design, cfg.answers, cfg.max_new_tokens)
 
     def _select(self, prompts: list[list[int]]) -> tuple[list, str]:
-        """Selections of one model batch, or the last error's traceback after BATCH_TRIES tries."""
+        """Selections of one model batch, or the last error's traceback after BATCH_TRIES tries (its last line,
+        the one the user sees, says so)."""
         for _ in range(BATCH_TRIES):
             try:
                 return self.selector.select(prompts), ""
             except Exception as exc:  # e.g. out of memory; retried, then reported
-                error = "".join(traceback.format_exception(exc))
-        return [], error
+                error = "".join(traceback.format_exception(exc)).rstrip()
+        return [], f"{error} (the batch failed {BATCH_TRIES} times)"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["task_id"])

@@ -28,7 +28,7 @@ from harness.cluster import check_reachable
 from harness.errors import ConfigError, HarnessError
 from harness.metrics import score_agents
 from harness.model import DTYPES, ModelSettings, load_model, load_tokenizer, local_copy
-from harness.names import name_problem
+from harness.names import name_problem, reference_problem
 from harness.predictions import PREDICTION_SCHEMA, PredictionStore
 from harness.selection import (
     Mode,
@@ -67,6 +67,9 @@ class AgentSpec:
         problem = name_problem(self.name)
         if problem:
             raise ValueError(f"name: {problem}")
+        problem = reference_problem(self.model)
+        if problem:
+            raise ValueError(f"model: {self.model}: {problem}")
         self.mode = parse_mode(self.mode, "mode")
         self.strategy = parse_strategy(self.strategy, self.mode, "strategy")
         if self.backend not in BACKENDS:

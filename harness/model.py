@@ -17,6 +17,7 @@ from harness import store
 from harness.bench.io import load_tasks
 from harness.errors import ConfigError
 from harness.files import temporary_dir_beside
+from harness.names import reference_problem
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +66,9 @@ class ModelSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
+        problem = reference_problem(self.name_or_path)
+        if problem:
+            raise ValueError(f"name_or_path: {self.name_or_path}: {problem}")
 
 
 @dataclass

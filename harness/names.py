@@ -25,3 +25,14 @@ def check_name(value: object, where: str) -> str:
     if problem:
         raise ConfigError(f"{where}: {problem}")
     return str(value)
+
+
+def reference_problem(reference: str) -> str | None:
+    """What is wrong with the form of a model reference `run:NAME` or `sweep:NAME:best` (None: nothing, or it
+    is another kind of reference)."""
+    if reference.startswith("run:"):
+        return name_problem(reference[4:])
+    if reference.startswith("sweep:"):
+        parts = reference.split(":")
+        return name_problem(parts[1]) if len(parts) == 3 and parts[2] == "best" else "expected sweep:<sweep name>:best"
+    return None

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 
 from harness.errors import ConfigError, DataError, first_line
 from harness.files import temporary_dir_beside, write_atomic
-from harness.names import check_name
+from harness.names import check_name, reference_problem
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -262,16 +262,16 @@ def model_path(reference: str, runs_dir: str | Path) -> str:
     the best trial of a sweep (names never leave `runs_dir`); anything else goes to `harness.model.local_or_hub`."""
     from harness.model import local_or_hub
 
+    problem = reference_problem(reference)
+    if problem:
+        raise ConfigError(f"model {reference}: {problem}")
     if reference.startswith("run:"):
-        final = run_dir(runs_dir, check_name(reference[4:], f"model {reference}")).child("final")
+        final = run_dir(runs_dir, reference[4:]).child("final")
         if not final.child("config.json").exists():
             raise ConfigError(f"model {reference}: no finished training run at {final}")
         return str(final)
     if reference.startswith("sweep:"):
-        parts = reference.split(":")
-        if len(parts) != 3 or parts[2] != "best":
-            raise ConfigError(f"model {reference}: expected sweep:<sweep name>:best")
-        sweep = sweep_dir(runs_dir, check_name(parts[1], f"model {reference}"))
+        sweep = sweep_dir(runs_dir, reference.split(":")[1])
         best = sweep.child("best.json")
         if not best.exists():
             raise ConfigError(f"model {reference}: no finished sweep at {sweep}")

@@ -82,13 +82,15 @@ def check_predictions(predictions: pd.DataFrame, behaviors: Collection[str] | No
     duplicated = ids.duplicated().to_numpy()
     if duplicated.any():
         raise ValueError(f"task_id {ids[duplicated].iloc[0]} occurs more than once ({duplicated.sum()} repeat(s))")
-    for column in ("gold_behavior", "pred_behavior") if behaviors is not None else ():
-        unknown = ~predictions[column].reset_index(drop=True).isin(list(behaviors)).to_numpy()
+    if behaviors is None:
+        return
+    for column in ("gold_behavior", "pred_behavior"):
+        values = predictions[column].reset_index(drop=True)
+        unknown = ~values.isin(list(behaviors)).to_numpy()
         if unknown.any():
-            value = predictions[column].reset_index(drop=True)[unknown].iloc[0]
             raise ValueError(
-                f"{column} {value!r} is not a behavior of the taxonomy {list(behaviors)} for {unknown.sum()} "
-                f"task(s), first {ids[unknown].iloc[0]}"
+                f"{column} {values[unknown].iloc[0]!r} is not a behavior of the taxonomy {list(behaviors)} for "
+                f"{unknown.sum()} task(s), first {ids[unknown].iloc[0]}"
             )
 
 

@@ -20,7 +20,7 @@ BUCKET_BATCHES = 16  # length-bucketing window, in batches
 
 
 class Encode:
-    """Ray Data callable: task rows -> tokenized training examples (prompt masked) or eval prompts."""
+    """Task rows -> tokenized training examples (prompt masked) or eval prompts, for one config."""
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = build(TrainConfig, cfg)
@@ -44,17 +44,23 @@ class Encode:
         return out
 
 
+_encoders: list[tuple[dict[str, Any], Encode]] = []  # this worker process's latest encoder, with its config
+
+
+def encode_batch(batch: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data task: `Encode` a batch with this process's encoder for `cfg`, made on its first batch. Ray reuses a
+    job's worker processes for its tasks, so a later run of the job (a sweep's next trial, the demo's second
+    training) finds torch and transformers imported already; a new actor would import them again."""
+    if not _encoders or _encoders[0][0] != cfg:
+        _encoders[:] = [(cfg, Encode(cfg))]
+    return _encoders[0][1](batch)
+
+
 def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
     """Validated, tokenized train and dev datasets (materialized) and the train row count."""
-    from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
 
-    encode = {
-        "fn_constructor_kwargs": {"cfg": to_dict(cfg)},
-        "compute": ActorPoolStrategy(size=1),
-        "batch_size": 64,
-        "num_cpus": PREP_CPUS,
-    }
+    encode = {"fn_kwargs": {"cfg": to_dict(cfg)}, "batch_size": 64, "num_cpus": PREP_CPUS, "concurrency": 1}
     with cfg.run_dir.local_dir() as scratch:  # the rejects and clean copy of skipped bad rows land in the run
         tasks = load_dataset(
             cfg.data,
@@ -67,8 +73,9 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
         if cfg.max_train_tasks:
             train = train.limit(cfg.max_train_tasks)
         dev = tasks.filter(expr=col("split") == "dev", num_cpus=PREP_CPUS).limit(cfg.eval_max_tasks)
-        # One pass through one encoder (its start-up, a process loading the tokenizer, is most of this step's time).
-        encoded = train.union(dev).map_batches(Encode, **encode).materialize()
+        # One pass, one batch at a time: a process's first batch imports torch and transformers, most of this
+        # step's time on a small run.
+        encoded = train.union(dev).map_batches(encode_batch, **encode).materialize()
     train, dev = (
         encoded.filter(expr=col("split") == split, num_cpus=PREP_CPUS).materialize() for split in ("train", "dev")
     )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from harness.batching import Encode, batches_per_epoch, bucketed_batches, pad_batch, prepare_datasets
+from harness.batching import batches_per_epoch, bucketed_batches, pad_batch, prepare_datasets
 from harness.bench.taxonomy import load_taxonomy
 from harness.cluster import check_reachable, init_ray, prepare_deepspeed
 from harness.config import build, to_dict
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 __all__ = [  # the split-out names stay importable from here: the sweep, pipeline, benchmarks and tests use them
     "BehaviorSFTRecipe",
     "DeepSpeedSettings",
-    "Encode",
     "TrainConfig",
     "TrainProgress",
     "TrainResult",

@@ -95,13 +95,15 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     assert len(after) == len(before) and set(after.run_id) == set(before.run_id)
 
 
-def test_killed_evaluation_resumes_without_duplicates(sample, tiny_model, behavior_model, tmp_path):
+def test_killed_evaluation_resumes_without_duplicates(sample, tiny_model, behavior_model, tmp_path, ray_local):
+    """A killed driver of the suite's Ray cluster (as a job on a running cluster), then the same command."""
     values = _config(sample, tiny_model, behavior_model, tmp_path, part_size=4, max_tasks=24, max_new_tokens=24)
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(values))
     args = [sys.executable, "-m", "harness.cli", "eval", "--config", str(path)]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     out = tmp_path / "eval"
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while len(list(out.glob("*/part-*.parquet"))) < 2 and time.time() < deadline:
         assert first.poll() is None, first.stdout.read().decode()[-3000:]
@@ -111,7 +113,7 @@ def test_killed_evaluation_resumes_without_duplicates(sample, tiny_model, behavi
     kept = {p.name for p in out.glob("*/part-*.parquet")}
     assert kept and not list(out.glob("*.parquet")), "the job was meant to die before finishing"
 
-    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert kept <= {p.name for p in out.glob("*/part-*.parquet")}
     test_ids = set(sorted(pd.read_json(sample, lines=True).query("split == 'test'").task_id)[:24])

@@ -207,7 +207,7 @@ def section(work: Path, model_dir: Path | None = None, smollm2: bool = False) ->
         model_dir = add_behavior_tokens(make_tiny(small, work / "tiny"), work / "tiny-bsft", TokenDesign(), taxonomy)
     rows = compare(model_dir, "tiny", {"small": small, "large": large}, work, four_agents=small)
     if smollm2:
-        smol = add_behavior_tokens(local_or_hub("smollm2"), work / "smollm2-bsft", TokenDesign(), taxonomy)
+        smol = add_behavior_tokens(local_or_hub("smollm2", "model"), work / "smollm2-bsft", TokenDesign(), taxonomy)
         rows += compare(smol, "smollm2", {"small": small}, work, four_agents=None)
     return "\n".join([*HEADER, *("| " + " | ".join(r) + " |" for r in rows)])
 

@@ -144,7 +144,10 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list
     taxonomy_id = hashlib.sha256(Path(taxonomy.source).read_bytes()).hexdigest()[:16]
     resolved = []
     for spec in cfg.agents:
-        path = resolve_model(spec.model, cfg.runs_dir)
+        try:
+            path = resolve_model(spec.model, cfg.runs_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"agent {spec.name}: {exc}") from None
         design = spec.design
         if spec.mode is Mode.BEHAVIORSFT and design is None:
             design = TokenDesign.load(path)

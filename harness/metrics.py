@@ -61,7 +61,8 @@ def check_predictions(predictions: pd.DataFrame, behaviors: Collection[str] | No
         raise ValueError("no predictions")
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
-        raise ValueError(f"predictions lack column(s) {missing} (need {list(PREDICTION_COLUMNS)})")
+        guess = "a leaderboard? " if {"metric", "value"} <= set(predictions.columns) else ""
+        raise ValueError(f"not a predictions file ({guess}missing columns {', '.join(missing)})")
     ids = predictions["task_id"].reset_index(drop=True)
     for column in [*PREDICTION_COLUMNS, *(c for c in ("case_id", "hard") if c in predictions.columns)]:
         null = predictions[column].isna().to_numpy()

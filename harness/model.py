@@ -86,13 +86,14 @@ def models_dir() -> Path:
     return Path(store.resolve(os.environ.get("HARNESS_MODELS_DIR", "artifacts/models")))
 
 
-def local_or_hub(name_or_path: str) -> str:
+def local_or_hub(name_or_path: str, key: str) -> str:
     """Resolve a model reference, in this order: a packaged model's name (`smollm2`), imported into `models_dir()`
     on first use; a model named in `models_dir()` (`tiny-qwen2`, from `harness model make-tiny`); an existing local
     directory (relative to the storage root), made absolute; otherwise a hub id (`org/name`). A reference that can
     only be local (`artifacts/x`, `./x`, `a/b/c`, a bare name) and is missing is refused, never looked up on a hub.
     A name wins over a directory of the same name in the current directory (write `./smollm2` for that). A storage
-    URI (`s3://bucket/models/x`) stays a URI: each node loads it through `local_copy`."""
+    URI (`s3://bucket/models/x`) stays a URI: each node loads it through `local_copy`. `key` names the reference's
+    config key in the error."""
     if store.is_uri(name_or_path):
         return name_or_path
     named = models_dir() / name_or_path
@@ -108,7 +109,7 @@ def local_or_hub(name_or_path: str) -> str:
         return str(path)
     if store.looks_local(name_or_path):
         raise ConfigError(
-            f"model.name_or_path: {name_or_path} is neither a model in {models_dir()}, an existing directory "
+            f"{key}: {name_or_path} is neither a model in {models_dir()}, an existing directory "
             f"({path}: relative paths resolve against ${store.ROOT_ENV}, else the current directory) nor a hub id "
             f"like org/name (run `harness model make-tiny` for {TINY_MODEL}; packaged models: "
             f"{', '.join(PACKAGED_MODELS)})"

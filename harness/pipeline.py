@@ -114,7 +114,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
         tiny = models_dir() / TINY_MODEL
         if base == TINY_MODEL and not (tiny / "config.json").exists():
             make_tiny(data, tiny, seed=cfg.seed)
-        return local_or_hub(base)  # imports a packaged model on first use
+        return local_or_hub(base, "base model")  # imports a packaged model on first use
 
     def run_sweep() -> dict[str, Any] | None:
         if profile.sweep_config is None:

@@ -276,7 +276,7 @@ def model_path(reference: str, runs_dir: str | Path) -> str:
         if not best.exists():
             raise ConfigError(f"model {reference}: no finished sweep at {sweep}")
         return json.loads(best.read_text())["final_model"]
-    path = local_or_hub(reference)
+    path = local_or_hub(reference, "model")
     if Path(path).is_dir() and not (Path(path) / "config.json").exists():
         raise ConfigError(f"model {reference}: {path} is not a Hugging Face model directory (no config.json)")
     return path

@@ -91,7 +91,7 @@ class TrainConfig:
             data=store.resolve(self.data),
             taxonomy=store.resolve(self.taxonomy) if self.taxonomy else None,
             storage_path=storage,
-            model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path)),
+            model=replace(self.model, name_or_path=local_or_hub(self.model.name_or_path, "model.name_or_path")),
             tracking=self.tracking.resolved(storage),  # beside the runs, under the storage root
         )
 

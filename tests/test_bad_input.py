@@ -111,7 +111,11 @@ def test_yaml_config_and_taxonomy_that_are_not_utf8(tmp_path: Path):
 # 2. Parquet files that are not task tables
 
 PARQUET = [
-    ("truncated.parquet", "truncated or corrupt Parquet file (Parquet magic bytes not found in footer."),
+    (
+        "truncated.parquet",
+        "truncated or corrupt Parquet file (Parquet magic bytes not found in footer. Either the file is corrupted or "
+        "this is not a parquet file.)",
+    ),
     ("not_parquet.parquet", "not a Parquet file (it does not start with PAR1)"),
     (
         "predictions.parquet",
@@ -127,10 +131,9 @@ def test_parquet_that_is_not_a_task_table_is_one_line(tmp_path: Path, name: str,
     for load in (validate, load_tasks, lambda p: load_dataset(p, skip_bad_rows=True, clean_dir=tmp_path)):
         with pytest.raises(DataError) as info:
             load(path)
-        assert str(info.value).startswith(f"{path}: {problem}") and "\n" not in str(info.value)
+        assert str(info.value) == f"{path}: {problem}"
     run = _harness(tmp_path, "data", "validate", str(path))
-    assert run.returncode == 1 and run.stdout == ""
-    assert run.stderr.startswith(f"error: {path}: {problem}") and run.stderr.count("\n") == 1
+    assert (run.returncode, run.stdout, run.stderr) == (1, "", f"error: {path}: {problem}\n")
     assert list(tmp_path.iterdir()) == [tmp_path / "cwd"]  # no clean copy, no rejects
 
 
@@ -190,6 +193,18 @@ def test_bad_numbers_names_and_values_in_configs_are_one_line_before_anything_is
     assert run([case["command"], *args]) == 1
     assert capsys.readouterr().err == "error: " + case["error"].format(config=config_file, names=NAMES) + "\n"
     assert _listing(ROOT) == before and list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", yaml.safe_load((BAD_DIR / "results.yaml").read_text()))
+def test_result_files_of_the_wrong_kind_or_content_are_one_line_and_nothing_is_written(
+    tmp_path: Path, monkeypatch, capsys, case: dict
+):
+    monkeypatch.chdir(tmp_path)
+    before = _listing(ROOT)
+    args = [str(tmp_path / "out") if arg == "OUT" else arg.format(bad=BAD_DIR) for arg in case["args"]]
+    assert run(args) == 1
+    assert capsys.readouterr().err == f"error: {case['error'].format(bad=BAD_DIR)}\n"
+    assert _listing(ROOT) == before and list(tmp_path.iterdir()) == []
 
 
 # 4. Sweep search spaces and names

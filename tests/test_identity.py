@@ -54,8 +54,13 @@ def test_final_predictions_must_hold_exactly_the_planned_tasks(tmp_path):
     store = PredictionStore(location(tmp_path, "output_dir"), "a-1")
     row = {name: "x" for name in PREDICTION_SCHEMA} | {"hard": False, "latency_ms": 1.0, "prompt_tokens": 5}
     store.add(pd.DataFrame([{**row, "task_id": "t1"}, {**row, "task_id": "t2"}]))
-    with pytest.raises(HarnessError, match=r"1 missing, first \['t3'\]; 0 unplanned"):
+    problem = f"{tmp_path / 'a-1'}: predictions do not match the planned tasks ({{}}); re-run to complete them"
+    with pytest.raises(HarnessError) as missing:
         store.finalize({"t1", "t2", "t3"})
+    assert str(missing.value) == problem.format("1 missing, first ['t3']; 0 unplanned, first []")
+    with pytest.raises(HarnessError) as unplanned:  # a part from another plan (say, a larger max_tasks)
+        store.finalize({"t1"})
+    assert str(unplanned.value) == problem.format("0 missing, first []; 1 unplanned, first ['t2']")
     assert not store.finished
     store.finalize({"t1", "t2"})
     assert store.finished and list(store.read().task_id) == ["t1", "t2"]

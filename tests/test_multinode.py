@@ -341,7 +341,11 @@ def test_head_local_paths_are_refused_before_any_worker_starts(cluster, sample, 
     agents = [{"name": "zero-shot", "model": str(model), "resources": {"node_b": 0.5}, "num_cpus": 0.5}]
     config = _eval_config(tmp_path / "eval.yaml", sample, agents, "refused", str(tmp_path / "runs"))
     run = _cli("eval", "--config", str(config), env=cluster.env, cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr.startswith(f"error: agent zero-shot: model: {model}: {where}")
+    assert (run.returncode, run.stderr) == (
+        1,
+        f"error: agent zero-shot: model: {model}: {where}; use a storage URI (s3://...) or a path on a file system "
+        "that every node mounts\n",
+    )
     assert not _actors(cluster, "RayTrainWorker") and not _actors(cluster, "AgentPredictor")
     assert not _objects(cluster.env, "refused/eval")  # nothing evaluated
 
@@ -484,6 +488,19 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     adapter_parameters = sum(p.numel() for name, p in reloaded.named_parameters() if "lora_" in name)
     trained = sum(p.numel() for p in merged.parameters()) + adapter_parameters
     assert metrics["achieved_flops_per_s"] / (6 * metrics["tokens_per_s"]) == pytest.approx(trained, rel=0.05)
+
+    # The finished run is reused by the same command, and refused to one whose config differs.
+    reused = _cli(*train[1:], env=cluster.env, cwd=tmp_path)
+    assert reused.returncode == 0 and f"final model: {runs}/lora/final\n" in reused.stdout, reused.stderr[-3000:]
+    reuse_log = Path(reused.stdout.split("full log: ", 1)[1].split()[0]).read_text()
+    assert f"[harness] run lora already finished: reusing {runs}/lora/final" in reuse_log
+    assert "RayTrainWorker" not in reuse_log  # no worker started
+    changed = _cli(*train[1:], "learning_rate=0.01", "epochs=3", env=cluster.env, cwd=tmp_path)
+    assert (changed.returncode, changed.stderr) == (
+        1,
+        f"error: run lora: {runs}/lora/{CONFIG_FILE} was made with another config (epochs, learning_rate differ); "
+        "choose another run_name, or restore those values to resume or reuse it\n",
+    )
 
     on_b = {"resources": {"node_b": 0.5}, "num_cpus": 0.5}
     agents = [{"name": "lora", "model": "run:lora", "mode": "behaviorsft", **on_b}]

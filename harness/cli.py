@@ -106,6 +106,8 @@ def data_validate(
             file=sys.stderr,
         )
         raise typer.Exit(1)
+    if not result.good_rows:
+        raise HarnessError(f"{path}: no tasks")
     print_frame(summary_frame(result), title=f"{path}: {result.good_rows} valid tasks")
 
 
@@ -190,6 +192,7 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -
     from harness.evaluate import evaluate as run_evaluation
 
     cfg = rooted(configs.load(EvalConfig, config, overrides or []))
+    leaderboard.read(cfg.leaderboard)  # one that is not a leaderboard is refused now, not after the evaluation
     with quiet("eval"), progress_bars() as bars:
         result = run_evaluation(cfg, progress=bars.evaluation)
     leaderboard.append(cfg.leaderboard, result.metrics)
@@ -247,6 +250,8 @@ def score(
     from harness.metrics import read_table
     from harness.metrics import score as score_predictions
 
+    if bootstrap < 0:
+        raise HarnessError(f"--bootstrap: must be at least 0, got {bootstrap}")
     if not predictions.exists():
         raise HarnessError(f"{predictions}: no such file")
     behaviors = load_taxonomy(taxonomy).behaviors

@@ -23,6 +23,7 @@ import pandas as pd
 
 from harness import leaderboard
 from harness.bench.io import PREP_CPUS, fingerprint, load_dataset
+from harness.bench.records import SPLITS
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
 from harness.cluster import check_reachable
 from harness.errors import ConfigError, HarnessError
@@ -120,6 +121,8 @@ class EvalConfig:
                 raise ValueError(f"{key}: must be at least {low}, got {getattr(self, key)}")
         if self.max_tasks is not None and self.max_tasks < 1:
             raise ValueError(f"max_tasks: must be at least 1 or null, got {self.max_tasks}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split: {self.split!r} is not one of {list(SPLITS)}")
 
 
 def resolve_model(reference: str, runs_dir: str | Path) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from harness import store
 from harness.cluster import check_reachable
@@ -25,6 +26,7 @@ from harness.names import check_name
 from harness.tokens import TokenDesign
 from harness.tracking import create_experiment
 from harness.train import PROGRESS_FILE, TrainConfig, TrainProgress, init_ray, watched
+from harness.train_config import differing_keys
 
 TRIAL_MEMORY = 64 * 2**20  # bytes reserved by a trial's driver function
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -39,6 +41,12 @@ class SchedulerSettings:
     def __post_init__(self) -> None:
         if self.type not in ("asha", "fifo"):
             raise ValueError(f"scheduler.type: {self.type!r} is not one of ['asha', 'fifo']")
+
+
+# What a trial reports that a sweep can rank by: rank 0's dev metrics and its latest training loss.
+SWEEP_METRICS = ("dev_macro_f1", "dev_loss", "loss")
+SWEEP_CONFIG_FILE = "sweep_config.yaml"  # the config a sweep was started with, in its directory
+SWEEP_RUNTIME_KEYS = ("max_concurrent_trials", "trial_cpus")  # how the sweep runs, not what it finds
 
 
 @dataclass
@@ -58,6 +66,15 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")  # it becomes a directory
+        if self.metric not in SWEEP_METRICS:
+            raise ValueError(f"metric: {self.metric!r} is not one of {list(SWEEP_METRICS)}")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode: {self.mode!r} is not one of ['max', 'min']")
+        for key in ("num_samples", "max_concurrent_trials"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.trial_cpus < 0:
+            raise ValueError(f"trial_cpus: must be at least 0, got {self.trial_cpus}")
         if self.train.mode != "behaviorsft":
             raise ValueError("train.mode: sweeps optimise behavior selection, so the mode must be behaviorsft")
         for key, spec in self.search_space.items():
@@ -195,14 +212,29 @@ def summary(table: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
     return table[[c for c in dict.fromkeys(shown) if c in table.columns]]
 
 
+def _check_unchanged(cfg: SweepConfig, saved: store.Location) -> None:
+    """A sweep resumes (or is reused) only with the config it was started with, as a training run is."""
+    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    differ = [f"train.{key}" for key in differing_keys(old.pop("train", {}), new.pop("train"))]
+    differ += [key for key in differing_keys(old, new) if key.split(".")[0] not in SWEEP_RUNTIME_KEYS]
+    if differ:
+        raise ConfigError(
+            f"sweep {cfg.name}: {saved} was made with another config ({', '.join(sorted(differ))} differ); "
+            "choose another name, or restore those values to resume or reuse it"
+        )
+
+
 def sweep(cfg: SweepConfig, progress: TrainProgress | None = None) -> pd.DataFrame:
     """Run (or resume) the sweep; write trials.parquet and best.json; return the ranked trials. `progress` is
     called, as in `train`, with each trial's training reports (the run name is the trial id)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    init_ray(cfg.train.use_gpu)
     directory = cfg.directory
+    saved = directory.child(SWEEP_CONFIG_FILE)
+    if saved.exists():
+        _check_unchanged(cfg, saved)
+    init_ray(cfg.train.use_gpu)
     if directory.local:
         Path(directory.path).mkdir(parents=True, exist_ok=True)
     check_reachable({"runs_dir": str(directory)})  # Tune keeps its experiment there; each trial checks the rest
@@ -225,6 +257,7 @@ def sweep(cfg: SweepConfig, progress: TrainProgress | None = None) -> pd.DataFra
             resume_unfinished=True,
         )
     else:
+        saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         scheduler = (
             ASHAScheduler(
                 time_attr="training_iteration",

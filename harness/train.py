@@ -431,10 +431,10 @@ def train(cfg: TrainConfig, callbacks: list | None = None, progress: TrainProgre
         print(f"[harness] run {cfg.run_name} already finished: reusing {final} (delete {run_dir} to retrain)")
         return TrainResult(run_dir, final, json.loads(metrics_file.read_text()))
     init_ray(cfg.use_gpu)
-    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     reads = {"data": cfg.data, "taxonomy": cfg.taxonomy, "model.name_or_path": cfg.model.name_or_path}
     check_reachable({"storage_path": cfg.storage_path, **reads})
     datasets, rows = prepare_datasets(cfg)
+    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the data is good: the run begins
     steps_per_epoch = batches_per_epoch(rows // cfg.num_workers, cfg.batch_size)
     score = ("dev_macro_f1", "max") if cfg.mode is Mode.BEHAVIORSFT else ("dev_loss", "min")
     trainer = TorchTrainer(

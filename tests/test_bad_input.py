@@ -23,7 +23,7 @@ from harness.cli import run
 from harness.errors import ConfigError, DataError
 from harness.files import write_atomic, write_text
 from harness.model import write_model_dir
-from harness.sweep import SweepConfig
+from harness.sweep import SWEEP_CONFIG_FILE, SweepConfig
 from harness.train import TrainConfig
 
 from .conftest import BAD_DIR
@@ -184,14 +184,15 @@ def test_bad_numbers_names_and_values_in_configs_are_one_line_before_anything_is
 ):
     config_file = tmp_path / "eval.yaml"
     agent = {"name": "a", "model": "tiny-qwen2", "mode": "zero_shot"}
-    config_file.write_text(yaml.safe_dump({"agents": [agent], **case.get("config", {})}))
+    config_file.write_text(yaml.safe_dump({"agents": [agent], **case.get("config", {})}).replace("{bad}", str(BAD_DIR)))
     args = ["--config", str(config_file)] if case["command"] == "eval" else case["overrides"]
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     before = _listing(ROOT)
     assert run([case["command"], *args]) == 1
-    assert capsys.readouterr().err == "error: " + case["error"].format(config=config_file, names=NAMES) + "\n"
+    error = case["error"].format(config=config_file, names=NAMES, bad=BAD_DIR)
+    assert capsys.readouterr().err == f"error: {error}\n"
     assert _listing(ROOT) == before and list(cwd.iterdir()) == []
 
 
@@ -230,6 +231,23 @@ def test_cli_refuses_a_bad_search_space_and_a_bad_sweep_name_before_anything_is_
     run = _harness(tmp_path, "sweep", "name=../x", f"runs_dir={tmp_path / 'runs'}")
     _one_error_line(run, f"config: name: '../x' is not a valid name {NAMES}")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["cwd", "sweep.yaml"]
+
+
+def test_a_sweep_started_with_another_config_is_refused_naming_the_keys(tmp_path: Path, monkeypatch, capsys):
+    where = [f"runs_dir={tmp_path / 'runs'}", "name=s", f"train.data={tmp_path / 'd.jsonl'}"]
+    started = config.load(SweepConfig, None, where)
+    saved = started.directory.child(SWEEP_CONFIG_FILE)
+    Path(saved.path).parent.mkdir(parents=True)
+    saved.write_text(yaml.safe_dump(config.to_dict(started)))
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    changed = ["num_samples=3", "train.learning_rate=0.1", "max_concurrent_trials=2"]  # the last: how it runs
+    assert run(["sweep", *where, *changed]) == 1
+    assert capsys.readouterr().err == (
+        f"error: sweep s: {saved} was made with another config (num_samples, train.learning_rate differ); choose "
+        "another name, or restore those values to resume or reuse it\n"
+    )
+    assert sorted(tmp_path.rglob("*")) == before  # refused before Ray or Tune started
 
 
 # 5. Unexpected errors: one line with the root cause, the traceback in a log

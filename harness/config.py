@@ -63,7 +63,9 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if kind in scalar_ok:
         if not scalar_ok[kind](value):
-            raise ConfigError(f"{where}: expected {_type_name(kind)}, got {value!r}")
+            # YAML reads `2024` as a number (and `0042` as octal 34): only quotes keep the text as written.
+            hint = " (quote it in YAML: '...')" if kind is str and isinstance(value, (bool, int, float)) else ""
+            raise ConfigError(f"{where}: expected {_type_name(kind)}, got {value!r}{hint}")
         return float(value) if kind is float else value
     return value
 

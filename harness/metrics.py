@@ -80,6 +80,8 @@ def check_predictions(predictions: pd.DataFrame, behaviors: Collection[str] | No
                 f"{column} is not a string for {bad.sum()} task(s), first {ids[bad].iloc[0]} "
                 f"({type(value).__name__} {value!r})"
             )
+    if "hard" in predictions.columns and not pd.api.types.is_bool_dtype(predictions["hard"]):
+        raise ValueError(f"hard is {predictions['hard'].dtype}, not true/false (a text 'False' would count as hard)")
     duplicated = ids.duplicated().to_numpy()
     if duplicated.any():
         raise ValueError(f"task_id {ids[duplicated].iloc[0]} occurs more than once ({duplicated.sum()} repeat(s))")

@@ -194,6 +194,8 @@ def make_tiny(data: str | Path, out: str | Path, vocab_size: int = 2048, seed: i
     out = Path(out)
     refuse_non_empty(out)
     frame = load_tasks(data)
+    if frame.empty:
+        raise ConfigError(f"{data}: no tasks to train the tiny model's tokenizer on")
     texts = [m["content"] for messages in frame["messages"] for m in messages] + list(frame["reference"])
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -142,6 +142,8 @@ def test_case_bootstrap_keeps_a_case_together_and_widens_the_interval():
         (lambda f: f.assign(gold_behavior=[1, *list(f.gold_behavior[1:])]),
          "gold_behavior is not a string for 1 task(s), first t0 (int 1)"),
         (lambda f: f.assign(task_id=["t0", *list(f.task_id[:-1])]), "task_id t0 occurs more than once (1 repeat(s))"),
+        (lambda f: f.assign(hard=f.hard.astype(str)), "hard is str, not true/false (a text 'False' would count as "
+         "hard)"),
     ],
 )  # fmt: skip
 def test_score_refuses_bad_predictions_with_one_line(change, message):

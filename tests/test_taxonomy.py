@@ -64,6 +64,10 @@ def test_taxonomy_is_replaceable_by_a_file(tmp_path: Path):
         ("behaviors: {a: x}\ntask_types: {t: {behavior: a}}\ncategories: {c: {type: u}}\n", "categories.c.type"),
         ("behaviors: {a: x}\ntask_types: {t: {behavior: a}}\ncategories: {c: {type: t}}\nextra: 1\n", "extra"),
         ("behaviors: [\n", "cannot read"),
+        (
+            "behaviors: {a: x}\ntask_types: {t: {behavior: a}}\ncategories: {c: {type: t, behaviors: a}}\n",
+            "categories.c.behaviors: expected a list, got 'a'",
+        ),
     ],
 )
 def test_bad_taxonomy_names_the_key(tmp_path: Path, text, needle):

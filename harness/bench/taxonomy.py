@@ -94,7 +94,10 @@ def load_taxonomy(path: str | Path | None = None) -> Taxonomy:
         task_type = spec.get("type")
         if task_type not in task_types:
             raise ConfigError(f"{path}: categories.{name}.type: {task_type!r} is not one of {list(task_types)}")
-        labels = tuple(spec.get("behaviors") or (task_types[task_type],))
+        listed = spec.get("behaviors") or [task_types[task_type]]
+        if not isinstance(listed, list):
+            raise ConfigError(f"{path}: categories.{name}.behaviors: expected a list, got {listed!r}")
+        labels = tuple(listed)
         bad = [b for b in labels if b not in behaviors]
         if bad:
             raise ConfigError(f"{path}: categories.{name}.behaviors: unknown behavior(s) {bad}")

@@ -234,8 +234,9 @@ def score(
     cells = (gold * k + pred)[:, None]
     cases = _case_codes(predictions)
     subsets = {"all": np.ones(len(predictions), dtype=bool)}
-    if "hard" in predictions.columns and predictions["hard"].astype(bool).any():
-        subsets["hard"] = predictions["hard"].astype(bool).to_numpy()
+    hard = predictions["hard"].to_numpy(dtype=bool) if "hard" in predictions.columns else None
+    if hard is not None and hard.any():  # a boolean column: `check_predictions` refuses any other
+        subsets["hard"] = hard
     rows: list[dict] = []
     for subset, in_subset in subsets.items():
         slices = [("overall", in_subset)]

@@ -26,7 +26,7 @@ from harness.names import check_name
 from harness.tokens import TokenDesign
 from harness.tracking import create_experiment
 from harness.train import PROGRESS_FILE, TrainConfig, TrainProgress, init_ray, watched
-from harness.train_config import differing_keys
+from harness.train_config import RUNTIME_KEYS, differing_keys
 
 TRIAL_MEMORY = 64 * 2**20  # bytes reserved by a trial's driver function
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -46,7 +46,8 @@ class SchedulerSettings:
 # What a trial reports that a sweep can rank by: rank 0's dev metrics and its latest training loss.
 SWEEP_METRICS = ("dev_macro_f1", "dev_loss", "loss")
 SWEEP_CONFIG_FILE = "sweep_config.yaml"  # the config a sweep was started with, in its directory
-SWEEP_RUNTIME_KEYS = ("max_concurrent_trials", "trial_cpus")  # how the sweep runs, not what it finds
+# How the sweep and its trials run, not what they find.
+SWEEP_RUNTIME_KEYS = ("max_concurrent_trials", "trial_cpus", *(f"train.{key}" for key in RUNTIME_KEYS))
 
 
 @dataclass
@@ -214,12 +215,10 @@ def summary(table: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
 
 def _check_unchanged(cfg: SweepConfig, saved: store.Location) -> None:
     """A sweep resumes (or is reused) only with the config it was started with, as a training run is."""
-    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
-    differ = [f"train.{key}" for key in differing_keys(old.pop("train", {}), new.pop("train"))]
-    differ += [key for key in differing_keys(old, new) if key.split(".")[0] not in SWEEP_RUNTIME_KEYS]
+    differ = differing_keys(yaml.safe_load(saved.read_text()), to_dict(cfg), SWEEP_RUNTIME_KEYS)
     if differ:
         raise ConfigError(
-            f"sweep {cfg.name}: {saved} was made with another config ({', '.join(sorted(differ))} differ); "
+            f"sweep {cfg.name}: {saved} was made with another config ({', '.join(differ)} differ); "
             "choose another name, or restore those values to resume or reuse it"
         )
 

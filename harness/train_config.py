@@ -100,11 +100,17 @@ class TrainConfig:
         return store.run_dir(self.storage_path, self.run_name)
 
 
-def differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between a run's saved config and `current`, runtime keys aside."""
+def differing_keys(
+    saved: dict[str, Any], current: dict[str, Any], runtime: tuple[str, ...] = RUNTIME_KEYS
+) -> list[str]:
+    """Dotted keys whose values differ between a saved config and `current`, the `runtime` keys (and the keys
+    under them) aside."""
     old, new = flatten(saved), flatten(current)
+    how_it_runs = tuple(f"{key}." for key in runtime)
     return sorted(
-        k for k in old.keys() | new.keys() if k.split(".")[0] not in RUNTIME_KEYS and old.get(k) != new.get(k)
+        k
+        for k in old.keys() | new.keys()
+        if k not in runtime and not k.startswith(how_it_runs) and old.get(k) != new.get(k)
     )
 
 

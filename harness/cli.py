@@ -334,6 +334,7 @@ def demo(
     profile: Annotated[str, typer.Option(help="tiny (the embedded default) or smollm2 (a real instruct model).")] = (
         "tiny"
     ),
+    gpu: Annotated[bool, typer.Option(help="Train and evaluate on this node's GPU (nccl, bf16), full splits.")] = False,
 ) -> None:
     """The main job: data, base model, sweep, training, evaluation of four agents, leaderboard."""
     from harness import config as configs
@@ -341,7 +342,9 @@ def demo(
     from harness.pipeline import PipelineConfig, run
 
     cfg = rooted(
-        configs.build(PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile})
+        configs.build(
+            PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile, "gpu": gpu}
+        )
     )
     with quiet("demo"), progress_bars() as bars:
         board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=bars)

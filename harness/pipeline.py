@@ -9,13 +9,14 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from harness import config as configs
 from harness import leaderboard
+from harness.cluster import init_ray
 from harness.errors import ConfigError
 from harness.evaluate import EvalConfig, evaluate
 from harness.model import TINY_MODEL, local_or_hub, make_tiny, models_dir
@@ -37,12 +38,28 @@ class Profile:
     eval_config: str
     sweep_config: str | None = None  # None: train with the train config's own token design
     results: str = ""  # sub-directory of the results root
+    gpu_train: dict[str, Any] | None = None  # what `--gpu` sets beyond GPU_TRAIN; None: the profile is CPU-only
+    gpu_eval: dict[str, Any] = field(default_factory=dict)
+
+    def gpu_training(self) -> dict[str, Any]:
+        """What `--gpu` sets on each training config (dotted keys)."""
+        return {**GPU_TRAIN, **(self.gpu_train or {})}
 
 
 PROFILES = {
     "tiny": Profile(TINY_MODEL, "behaviorsft.yaml", "eval.yaml", "sweep.yaml"),
-    "smollm2": Profile("smollm2", "smollm2/behaviorsft.yaml", "smollm2/eval.yaml", results="smollm2"),
+    "smollm2": Profile(
+        "smollm2",
+        "smollm2/behaviorsft.yaml",
+        "smollm2/eval.yaml",
+        results="smollm2",
+        # The CPU sizing caps tasks and epochs; one GPU trains on the whole train split and scores the whole test split.
+        gpu_train={"max_train_tasks": None, "eval_max_tasks": 512, "epochs": 2},
+        gpu_eval={"max_tasks": None},
+    ),
 }
+# What `harness demo --gpu` sets on every training: one worker per GPU (nccl, bf16). The sweep stays on CPU.
+GPU_TRAIN: dict[str, Any] = {"use_gpu": True, "resources_per_worker": {"CPU": 4, "GPU": 1}}
 
 
 @dataclass
@@ -50,12 +67,16 @@ class PipelineConfig:
     artifacts: str = "artifacts"
     results: str = "results"
     profile: str = "tiny"
+    gpu: bool = False  # train and evaluate on this node's GPU (the agents share it)
     tasks: int = 3000
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"profile: {self.profile!r} is not one of {list(PROFILES)}")
+        if self.gpu and PROFILES[self.profile].gpu_train is None:
+            gpu_ready = [name for name, profile in PROFILES.items() if profile.gpu_train is not None]
+            raise ValueError(f"gpu: profile {self.profile!r} runs on CPU (its sweep); GPU profiles: {gpu_ready}")
 
 
 def step_config(cls: type[T], path: Path, values: dict[str, Any]) -> T:
@@ -93,6 +114,21 @@ def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[]
     value = work()
     log(f"[{number}/6] {title}: done in {time.perf_counter() - began:.0f}s")
     return value
+
+
+def sharing_one_gpu(cfg: EvalConfig) -> EvalConfig:
+    """`cfg` with its agents' actors sharing one GPU equally."""
+    share = 1 / len(cfg.agents)
+    return replace(cfg, agents=[replace(agent, num_gpus=share) for agent in cfg.agents])
+
+
+def require_gpu() -> None:
+    """Join the cluster (or start a local one) for GPU work, and refuse one without a GPU: Ray would wait forever."""
+    import ray
+
+    init_ray(use_gpu=True)
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise ConfigError("gpu: the Ray cluster has no GPU (ray.cluster_resources() lists none)")
 
 
 def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progress | None = None) -> Path:
@@ -137,23 +173,31 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
         for mode in (Mode.BEHAVIORSFT, Mode.SFT):
             run_name = base_name.replace(Mode.BEHAVIORSFT.value, mode.value, 1)
             values = {**paths, **training_values(mode, run_name, best)}
+            if cfg.gpu:
+                values.update(profile.gpu_training())
             result = train(step_config(TrainConfig, path, values), progress=progress and progress.training)
             shown = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("dev_", "initial_dev"))}
             log(f"{mode.value}: {result.final_model} {shown}")
 
     def run_eval() -> EvalConfig:
-        paths = {
+        paths: dict[str, Any] = {
             "data": str(data),
             "runs_dir": str(runs),
             "output_dir": str(artifacts / "eval"),
             "leaderboard": str(board),
         }
-        eval_cfg = step_config(EvalConfig, CONFIGS / profile.eval_config, paths)
+        eval_cfg = step_config(
+            EvalConfig, CONFIGS / profile.eval_config, {**paths, **(profile.gpu_eval if cfg.gpu else {})}
+        )
+        if cfg.gpu:
+            eval_cfg = sharing_one_gpu(eval_cfg)
         result = evaluate(eval_cfg, progress=progress and progress.evaluation)
         leaderboard.append(board, result.metrics)
         result.raise_failures(str(board))
         return eval_cfg
 
+    if cfg.gpu:
+        require_gpu()
     _step(log, 1, "BehaviorBench-mini (synthetic sample)", make_data)
     _step(log, 2, f"base model ({profile.base_model})", make_model)
     best = _step(log, 3, "token-design sweep (Ray Tune, ASHA)", run_sweep)

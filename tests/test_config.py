@@ -53,3 +53,23 @@ def test_config_errors_are_one_line(tmp_path: Path):
         config.load(TrainConfig, path)
     problem = "not valid YAML at line 2, column 1: found character '\\t' that cannot start any token"
     assert str(info.value) == f"{path}: cannot read config: {problem}"
+
+
+def test_demo_gpu_settings_build_and_a_cluster_without_gpu_is_refused(ray_local):
+    from harness.evaluate import EvalConfig
+    from harness.pipeline import CONFIGS, PROFILES, PipelineConfig, require_gpu, sharing_one_gpu, step_config
+
+    gpu_profiles = [profile for profile in PROFILES.values() if profile.gpu_train is not None]
+    assert gpu_profiles
+    for profile in gpu_profiles:
+        train = step_config(TrainConfig, CONFIGS / profile.train_config, {"data": "x.jsonl", **profile.gpu_training()})
+        assert train.use_gpu and train.resources_per_worker["GPU"] == 1 and train.max_train_tasks is None
+        evaluation = sharing_one_gpu(step_config(EvalConfig, CONFIGS / profile.eval_config, profile.gpu_eval))
+        assert evaluation.max_tasks is None
+        assert sum(agent.num_gpus for agent in evaluation.agents) == pytest.approx(1.0)
+    with pytest.raises(
+        ValueError, match=r"^gpu: profile 'tiny' runs on CPU \(its sweep\); GPU profiles: \['smollm2'\]$"
+    ):
+        PipelineConfig(gpu=True)
+    with pytest.raises(ConfigError, match=r"^gpu: the Ray cluster has no GPU"):
+        require_gpu()  # the suite's Ray has CPUs only: training would wait for a GPU forever

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness.errors import HarnessError, crash_message, exception_chain
+from harness.errors import LOG_DIR_ENV, HarnessError, crash_message, exception_chain
 from harness.store import location, rooted
 
 app = typer.Typer(
@@ -295,7 +296,7 @@ def leaderboard_show(
     if out is None:
         print(leaderboard.render(table, fmt), end="")
     else:
-        leaderboard.export(table, out, fmt)
+        leaderboard.export(table, out, fmt, "--out")
         console.print(f"wrote {out}", highlight=False)
 
 
@@ -346,15 +347,19 @@ def demo(
             PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile, "gpu": gpu}
         )
     )
+    os.environ.setdefault(LOG_DIR_ENV, str(Path(cfg.artifacts) / "logs"))  # the demo writes under --artifacts only
     with quiet("demo"), progress_bars() as bars:
         board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=bars)
     print_frame(leaderboard.ranking(leaderboard.read(board)), title=f"BehaviorBench-mini leaderboard ({board})")
     console.print(f"exported: {board.with_suffix('.html')}, {board.with_suffix('.md')}", highlight=False)
 
 
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
+
+
 def _interrupted() -> int:
     print("error: interrupted", file=sys.stderr)
-    return 130
+    return INTERRUPTED
 
 
 def run(args: list[str]) -> int:
@@ -364,9 +369,15 @@ def run(args: list[str]) -> int:
     root cause, and its full traceback goes to a log file (see `harness.errors.crash_log`).
     """
     try:
-        app(args, prog_name="harness")
-    except KeyboardInterrupt:
+        status = app(args, prog_name="harness", standalone_mode=False)  # errors come here instead of a usage box
+    except (KeyboardInterrupt, typer.Abort):
         return _interrupted()
+    except typer.TyperException as exc:  # a usage error: an unknown option, a value out of range
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "harness"
+        if exc.format_message():  # empty after a bare group's help
+            print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
     except SystemExit as exc:
         if any(isinstance(link, KeyboardInterrupt) for link in exception_chain(exc)):  # Typer's exit on Ctrl-C
             return _interrupted()
@@ -376,7 +387,9 @@ def run(args: list[str]) -> int:
         user_errors = [link for link in exception_chain(exc) if isinstance(link, HarnessError)]
         print(f"error: {user_errors[-1]}" if user_errors else crash_message(exc), file=sys.stderr)
         return 1
-    return 0
+    if status == INTERRUPTED:  # Typer's answer to Ctrl-C when it does not exit itself
+        return _interrupted()
+    return status if isinstance(status, int) else 0
 
 
 def main() -> None:

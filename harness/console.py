@@ -34,7 +34,8 @@ def captured_output(console: Console, command: str, verbose: bool) -> Iterator[P
             target = tee.stdin.fileno()
         else:
             target = sink.fileno()
-        previous_file = console.file
+        # Its own file, not `console.file`, which falls back to the sys.stdout of the moment (pytest's, say).
+        previous_file = console._file
         console.file = terminal
         console.print(f"full log: {log}", highlight=False)
         for fd in (1, 2):
@@ -52,7 +53,7 @@ def captured_output(console: Console, command: str, verbose: bool) -> Iterator[P
             for fd, original in saved.items():
                 os.dup2(original, fd)
                 os.close(original)
-            console.file = previous_file
+            console._file = previous_file
             terminal.close()
             if tee is not None:
                 tee.stdin.close()

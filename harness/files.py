@@ -12,8 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.errors import HarnessError
+
 if TYPE_CHECKING:
     import pandas as pd
+
+SIGNATURE_BYTES = 200  # how much of an existing output's first line tells whose it is
 
 
 def _temp_pattern(path: Path) -> re.Pattern[str]:
@@ -92,6 +96,39 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_output(path: Path, text: str, key: str) -> None:
+    """Write an output a user names (an export, a report, generated data) atomically. An existing file is replaced
+    only when it begins as `text` does (the same first line: the same kind of output, from this harness); any
+    other file is the user's, and `key` (the option or key that named `path`) is refused."""
+    if path.is_dir():
+        raise HarnessError(f"{key}: {path} is a directory")
+    if path.exists():
+        with path.open("rb") as handle:
+            first = handle.readline(SIGNATURE_BYTES)
+        if first != text.encode("utf-8")[: len(first)] or not first:
+            raise HarnessError(f"{key}: {path} exists and was not written by this command; remove it or choose another")
+    write_text(path, text)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, and `root` itself."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            _fsync(Path(directory) / name)
+        _fsync(Path(directory))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename the directory `new` to `target`. An existing `target` is first renamed to a temporary sibling and
+    removed after; if the process dies between the two renames, the next writer of `target` removes it."""
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    _fsync(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import ConfigError
-from harness.files import write_text
+from harness.files import write_output
 from harness.metrics import read_table
 from harness.run_record import code_version
 from harness.store import Location, location
@@ -266,9 +266,10 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     raise ValueError(f"format: {fmt!r} is not one of md, csv, html")
 
 
-def export(table: pd.DataFrame, path: Path, fmt: str) -> None:
-    """Write the ranking rendered as `fmt` (md, csv or html) to `path`, atomically."""
-    write_text(path, render(table, fmt))
+def export(table: pd.DataFrame, path: Path, fmt: str, key: str) -> None:
+    """Write the ranking rendered as `fmt` (md, csv or html) to `path`, atomically; a file there that is not an
+    export of this format is refused (see `harness.files.write_output`, `key` names the option)."""
+    write_output(path, render(table, fmt), key)
 
 
 def _markdown(table: pd.DataFrame) -> str:

@@ -5,7 +5,6 @@ Each step reuses its output."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from harness.errors import ConfigError
 from harness.evaluate import EvalConfig, evaluate
 from harness.model import TINY_MODEL, local_or_hub, make_tiny, models_dir
 from harness.selection import Mode
-from harness.sweep import SweepConfig, summary, sweep
+from harness.sweep import SweepConfig, finished_best, summary, sweep
 from harness.tokens import TokenDesign
 from harness.train import TrainConfig, train
 
@@ -134,7 +133,7 @@ def require_gpu() -> None:
 def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progress | None = None) -> Path:
     """Run every step whose output is missing; return the leaderboard Parquet path. `progress` is told of each
     training report and of each evaluated part of the predictions."""
-    from harness.bench.synth import write_sample
+    from harness.bench.synth import sample_text, write_sample
 
     profile = PROFILES[cfg.profile]
     artifacts, results = Path(cfg.artifacts), Path(cfg.results) / profile.results
@@ -145,6 +144,11 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
     def make_data() -> None:
         if not data.exists():
             write_sample(data.parent, tasks=cfg.tasks, seed=cfg.seed)
+        elif data.read_text(encoding="utf-8", errors="replace") != sample_text(cfg.tasks, cfg.seed):
+            raise ConfigError(
+                f"--artifacts: {data} is not BehaviorBench-mini ({cfg.tasks} tasks, seed {cfg.seed}), which the runs "
+                "here are trained on; remove it or choose another --artifacts"
+            )
 
     def make_model() -> str:
         tiny = models_dir() / TINY_MODEL
@@ -158,11 +162,11 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
             return None
         paths = {"train.data": str(data), "train.model.name_or_path": base, "runs_dir": str(runs)}
         sweep_cfg = step_config(SweepConfig, CONFIGS / profile.sweep_config, paths)
-        best = sweep_cfg.directory.child("best.json")
-        if not best.exists():
+        chosen = finished_best(sweep_cfg)
+        if chosen is None:
             table = sweep(sweep_cfg, progress=progress and progress.training)
             log(summary(table, sweep_cfg).to_string(index=False, max_colwidth=40))
-        chosen = json.loads(best.read_text())
+            chosen = finished_best(sweep_cfg)
         log(f"best trial {chosen['trial_id']}: design {chosen['design']}, dev Macro F1 {chosen['dev_macro_f1']:.3f}")
         return chosen
 
@@ -206,8 +210,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
 
     def export() -> None:
         table = leaderboard.ranking(leaderboard.read(board))
-        leaderboard.export(table, results / "leaderboard.html", "html")
-        leaderboard.export(table, results / "leaderboard.md", "md")
+        leaderboard.export(table, results / "leaderboard.html", "html", "--results")
+        leaderboard.export(table, results / "leaderboard.md", "md", "--results")
 
     _step(log, 6, "leaderboard export", export)
     return board

@@ -18,7 +18,7 @@ from harness import leaderboard
 from harness.bench import load_taxonomy
 from harness.bench.io import fingerprint, load_tasks
 from harness.errors import HarnessError
-from harness.files import write_text
+from harness.files import write_output
 from harness.metrics import SHARE_METRICS, check_predictions, read_table
 from harness.predictions import PREDICTION_SCHEMA
 from harness.store import Location, location
@@ -370,5 +370,5 @@ def render(report: Report, max_samples: int = 200) -> str:
 
 
 def write(report: Report, out: Path, max_samples: int = 200) -> None:
-    """Render the page and write it to `out` atomically."""
-    write_text(out, render(report, max_samples))
+    """Render the page and write it to `out` atomically; a file there that is not such a page is refused."""
+    write_output(out, render(report, max_samples), "--out")

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +32,7 @@ import pyarrow
 import pyarrow.fs as pafs
 
 from harness.errors import ConfigError, DataError, first_line
-from harness.files import temporary_dir_beside, write_atomic
+from harness.files import replace_dir, sync_tree, temporary_dir_beside, write_atomic
 from harness.names import check_name, reference_problem
 
 if TYPE_CHECKING:
@@ -184,10 +183,10 @@ class Location:
         marker written after (training writes `final_metrics.json` after its `final/` model)."""
         if self.local:
             target = Path(self.path)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            shutil.copytree(source, tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.replace(target)
+            with temporary_dir_beside(target) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+                sync_tree(tmp)
+                replace_dir(tmp, target)
             return
         self.fs.delete_dir_contents(self.path, missing_dir_ok=True)
         pafs.copy_files(str(source), self.path, destination_filesystem=self.fs)

@@ -223,6 +223,20 @@ def _check_unchanged(cfg: SweepConfig, saved: store.Location) -> None:
         )
 
 
+def finished_best(cfg: SweepConfig) -> dict[str, Any] | None:
+    """The best trial of this sweep if it finished with this config, else None (not finished). A finished sweep of
+    another config, or one that saved no config to check, is refused."""
+    best, saved = cfg.directory.child("best.json"), cfg.directory.child(SWEEP_CONFIG_FILE)
+    if not best.exists():
+        return None
+    if not saved.exists():
+        raise ConfigError(
+            f"sweep {cfg.name}: {best} has no {SWEEP_CONFIG_FILE} beside it to check; choose another name"
+        )
+    _check_unchanged(cfg, saved)
+    return json.loads(best.read_text())
+
+
 def sweep(cfg: SweepConfig, progress: TrainProgress | None = None) -> pd.DataFrame:
     """Run (or resume) the sweep; write trials.parquet and best.json; return the ranked trials. `progress` is
     called, as in `train`, with each trial's training reports (the run name is the trial id)."""

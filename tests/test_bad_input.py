@@ -560,3 +560,95 @@ def test_write_atomic_fsyncs_the_file_then_the_directory(tmp_path: Path, monkeyp
     assert re.fullmatch(rf"{re.escape(str(tmp_path))}/\.t\.txt\.[0-9a-f]{{32}}\.tmp", synced[0])
     assert synced[1] == str(tmp_path)
     assert target.read_text() == "x" and sorted(tmp_path.iterdir()) == [target]
+
+
+# 8. Outputs a user names never replace the user's own files
+
+
+def test_exports_and_generated_data_replace_only_their_own_kind_of_file(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    mine = {tmp_path / "mine.csv": "my,own\n1,2\n", tmp_path / "data" / "tasks.jsonl": '{"mine": 1}\n'}
+    for path, text in mine.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    show = ["leaderboard", "show", "--path", str(BAD_DIR / "leaderboard.parquet"), "--format", "csv", "--out"]
+    refusal = "error: --out: {} exists and was not written by this command; remove it or choose another\n"
+    assert run([*show, str(tmp_path / "mine.csv")]) == 1
+    assert capsys.readouterr().err == refusal.format(tmp_path / "mine.csv")
+    assert run(["data", "make", "--out", str(tmp_path / "data"), "--tasks", "20"]) == 1
+    assert capsys.readouterr().err == refusal.format(tmp_path / "data" / "tasks.jsonl")
+    assert {path: path.read_text() for path in mine} == mine
+    # The command's own earlier output is replaced: an export of the same format, a sample of the same seed.
+    for _ in range(2):
+        assert run([*show, str(tmp_path / "board.csv")]) == 0
+        assert run(["data", "make", "--out", str(tmp_path / "made"), "--tasks", str(20 + _)]) == 0
+    assert (tmp_path / "board.csv").read_text().startswith("rank,agent,")
+    assert len((tmp_path / "made" / "tasks.jsonl").read_text().splitlines()) == 21
+    assert run(["data", "make", "--out", str(tmp_path / "made"), "--tasks", "20", "--seed", "1"]) == 1
+    assert run([*show, str(tmp_path / "data")]) == 1
+    assert capsys.readouterr().err.endswith(f"error: --out: {tmp_path / 'data'} is a directory\n")
+
+
+def test_the_demo_refuses_data_under_artifacts_that_it_did_not_generate(tmp_path: Path, monkeypatch, capsys):
+    from harness.cli import console
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_MODELS_DIR", str(tmp_path / "art" / "models"))  # what the demo would set for good
+    data = tmp_path / "art" / "data" / "tasks.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"mine": 1}\n')
+    assert run(["demo", "--artifacts", str(tmp_path / "art"), "--results", str(tmp_path / "res")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: --artifacts: {data} is not BehaviorBench-mini (3000 tasks, seed 0), which the runs here are "
+        "trained on; remove it or choose another --artifacts\n"
+    )
+    assert data.read_text() == '{"mine": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    # The command's console is given back its own file (none: the current sys.stdout), not pytest's of the moment.
+    assert console._file is None
+
+
+def test_a_finished_sweep_is_reused_only_with_the_config_it_saved(tmp_path: Path):
+    from harness.sweep import finished_best
+
+    where = [f"runs_dir={tmp_path / 'runs'}", "name=s", f"train.data={tmp_path / 'd.jsonl'}"]
+    started = config.load(SweepConfig, None, where)
+    assert finished_best(started) is None
+    best = started.directory.child("best.json")
+    Path(best.path).parent.mkdir(parents=True)
+    best.write_text('{"trial_id": "t1"}\n')
+    with pytest.raises(ConfigError, match=rf"^sweep s: {best} has no {SWEEP_CONFIG_FILE} beside it to check; choose"):
+        finished_best(started)
+    started.directory.child(SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(started)))
+    assert finished_best(started) == {"trial_id": "t1"}
+    with pytest.raises(ConfigError, match=r"was made with another config \(num_samples differ\)"):
+        finished_best(config.load(SweepConfig, None, [*where, "num_samples=3"]))
+
+
+def test_usage_errors_are_one_line_with_exit_2(tmp_path: Path, capsys):
+    run_ = _harness(tmp_path, "data", "make", "--tasks", "0")
+    _one_error_line(
+        run_,
+        "Invalid value for '--tasks': Input should be greater than or equal to 1 (see `harness data make --help`)",
+        code=2,
+    )
+    assert run(["leaderboard", "show", "--bogus"]) == 2
+    assert capsys.readouterr().err == (
+        "error: No such option: --bogus (Possible options: --out) (see `harness leaderboard show --help`)\n"
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cwd"]
+
+
+def test_a_directory_copy_replaces_the_old_one_and_removes_what_a_killed_copy_left(tmp_path: Path):
+    from harness.store import location
+
+    target = tmp_path / "run" / "final"
+    (target / "old").mkdir(parents=True)
+    left = target.with_name(f".final.{'d' * 32}.tmp")  # a killed copy's directory, its writer gone
+    (left / "half").mkdir(parents=True)
+    source = tmp_path / "model"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "weights.bin").write_bytes(b"new")
+    location(str(target), "final").put_dir(source)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["final"]
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["sub", "sub/weights.bin"]
+    assert (target / "sub" / "weights.bin").read_bytes() == b"new"

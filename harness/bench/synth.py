@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harness.bench.records import TaskRecord
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
-from harness.files import write_atomic
+from harness.files import write_output
 
 SYSTEM_PROMPT = (
     "You are a clinical assistant supporting a hospital care team. The conversation includes "
@@ -534,14 +534,14 @@ def generate(tasks: int = 3000, seed: int = 0, taxonomy: Taxonomy | None = None)
     return records
 
 
+def sample_text(tasks: int = 3000, seed: int = 0) -> str:
+    """BehaviorBench-mini as JSON lines: the same arguments give the same text."""
+    return "".join(json.dumps(record.to_row(), ensure_ascii=False) + "\n" for record in generate(tasks, seed))
+
+
 def write_sample(out_dir: str | Path, tasks: int = 3000, seed: int = 0) -> Path:
-    """Write BehaviorBench-mini as `tasks.jsonl` under `out_dir` (atomically) and return its path."""
+    """Write BehaviorBench-mini as `tasks.jsonl` under `out_dir` (atomically) and return its path. An existing
+    file there is replaced only if it is a BehaviorBench-mini sample of the same seed (`harness.files.write_output`)."""
     path = Path(out_dir) / "tasks.jsonl"
-
-    def write_rows(tmp: Path) -> None:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for record in generate(tasks, seed):
-                handle.write(json.dumps(record.to_row(), ensure_ascii=False) + "\n")
-
-    write_atomic(path, write_rows)
+    write_output(path, sample_text(tasks, seed), "--out")
     return path

@@ -133,7 +133,7 @@ def require_gpu() -> None:
 def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progress | None = None) -> Path:
     """Run every step whose output is missing; return the leaderboard Parquet path. `progress` is told of each
     training report and of each evaluated part of the predictions."""
-    from harness.bench.synth import sample_text, write_sample
+    from harness.bench.synth import is_sample, write_sample
 
     profile = PROFILES[cfg.profile]
     artifacts, results = Path(cfg.artifacts), Path(cfg.results) / profile.results
@@ -144,10 +144,10 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
     def make_data() -> None:
         if not data.exists():
             write_sample(data.parent, tasks=cfg.tasks, seed=cfg.seed)
-        elif data.read_text(encoding="utf-8", errors="replace") != sample_text(cfg.tasks, cfg.seed):
+        elif not is_sample(data):
             raise ConfigError(
-                f"--artifacts: {data} is not BehaviorBench-mini ({cfg.tasks} tasks, seed {cfg.seed}), which the runs "
-                "here are trained on; remove it or choose another --artifacts"
+                f"--artifacts: {data} is not a BehaviorBench-mini sample (`harness data make`), which the demo "
+                "reuses; remove it or choose another --artifacts"
             )
 
     def make_model() -> str:

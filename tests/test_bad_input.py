@@ -599,8 +599,8 @@ def test_the_demo_refuses_data_under_artifacts_that_it_did_not_generate(tmp_path
     data.write_text('{"mine": 1}\n')
     assert run(["demo", "--artifacts", str(tmp_path / "art"), "--results", str(tmp_path / "res")]) == 1
     assert capsys.readouterr().err == (
-        f"error: --artifacts: {data} is not BehaviorBench-mini (3000 tasks, seed 0), which the runs here are "
-        "trained on; remove it or choose another --artifacts\n"
+        f"error: --artifacts: {data} is not a BehaviorBench-mini sample (`harness data make`), which the demo "
+        "reuses; remove it or choose another --artifacts\n"
     )
     assert data.read_text() == '{"mine": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     # The command's console is given back its own file (none: the current sys.stdout), not pytest's of the moment.

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
+from harness import config
 from harness.bench.synth import write_sample
 from harness.bench.taxonomy import load_taxonomy
 from harness.model import add_behavior_tokens
+from harness.pipeline import CONFIGS, step_config
+from harness.sweep import SWEEP_CONFIG_FILE, SweepConfig
 from harness.tokens import TokenDesign
 from tests.ray_nodes import free_port, stop_ray_node, suite_build_cache
 
@@ -45,7 +49,7 @@ def test_the_readme_submits_evaluate_train_and_pipeline_with_a_root():
 def _demo_state(repo: Path, tiny_model: Path) -> None:
     """What `make demo` leaves under artifacts/ before training: the data, the tiny model and the sweep's
     best trial (a model with the winning token design: the train config's own)."""
-    write_sample(repo / "artifacts" / "data", tasks=JOB_TASKS, seed=7)  # the suite's sample's generator, smaller
+    data = write_sample(repo / "artifacts" / "data", tasks=JOB_TASKS, seed=7)  # the suite's sample's generator, smaller
     shutil.copytree(tiny_model, repo / "artifacts" / "models" / "tiny-qwen2")
     sweep = repo / "artifacts" / "runs" / "sweeps" / "token-designs"
     design = TokenDesign(granularity="behavior", spelling="special", placement="assistant", init="phrase")
@@ -53,6 +57,11 @@ def _demo_state(repo: Path, tiny_model: Path) -> None:
     searched = {"design.spelling": "special", "learning_rate": 0.003}
     best = {"trial_id": "t0", "design": design.name, "searched": searched, "dev_macro_f1": 0.5}
     (sweep / "best.json").write_text(json.dumps({**best, "final_model": str(final)}))
+    # The config the sweep saved, as the demo job builds it (paths under its --root): a finished sweep is reused
+    # only with it.
+    values = {"train.data": str(data), "train.model.name_or_path": "tiny-qwen2", "runs_dir": str(sweep.parent.parent)}
+    saved = config.to_dict(step_config(SweepConfig, CONFIGS / "sweep.yaml", values))
+    (sweep / SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ SYSTEM_PROMPT = (
 )
 SPLIT_WEIGHTS = (("train", 0.7), ("dev", 0.15), ("test", 0.15))
 HARD_FRACTION = 0.25
+SAMPLE_START = b'{"task_id": "mini-000000", "case_id": "mini-case-00000", '  # how every sample's file begins
 
 
 @dataclass(frozen=True)
@@ -537,6 +538,13 @@ def generate(tasks: int = 3000, seed: int = 0, taxonomy: Taxonomy | None = None)
 def sample_text(tasks: int = 3000, seed: int = 0) -> str:
     """BehaviorBench-mini as JSON lines: the same arguments give the same text."""
     return "".join(json.dumps(record.to_row(), ensure_ascii=False) + "\n" for record in generate(tasks, seed))
+
+
+def is_sample(path: Path) -> bool:
+    """Whether `path` starts as every BehaviorBench-mini sample does, whatever its size and seed (its first task
+    is `mini-000000`): a file of the user's own is not one."""
+    with path.open("rb") as handle:
+        return handle.read(len(SAMPLE_START)) == SAMPLE_START
 
 
 def write_sample(out_dir: str | Path, tasks: int = 3000, seed: int = 0) -> Path:

@@ -245,15 +245,24 @@ class BehaviorSFTRecipe:
             self.tracker.log_json("final_metrics.json", metrics)
             self.tracker.finish()
 
-    def _report(self, metrics: dict[str, Any], checkpoint: Any = None, name: str | None = None) -> None:
-        import ray.train
-
-        # Tracked first: when a checkpoint is persisted (and a killed run can resume from it), its metrics are too.
+    def _log(self, metrics: dict[str, Any]) -> None:
+        """Track `metrics` and write them to the run's progress file (what the driver's bar shows)."""
         self.tracker.log_metrics(metrics, step=self.state["global_step"])
         if self.rank == 0:
             numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             progress = {"step": self.state["global_step"], "total": self.total_steps, "metrics": numbers}
             self.cfg.run_dir.child(PROGRESS_FILE).write_text(json.dumps(progress))
+
+    def _report(self, metrics: dict[str, Any], checkpoint: Any, name: str) -> None:
+        """Log `metrics`, then report them to Ray Train with `checkpoint`.
+
+        Only checkpoints are reported: each worker's report waits until the controller collects the previous
+        one, which it does every 2 s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), so a report every few steps held a
+        GPU run at 0.5 s a step. Tune (a sweep's ASHA) therefore sees one result per checkpoint.
+        """
+        import ray.train
+
+        self._log(metrics)  # first: when a checkpoint is persisted (and a run can resume from it), its metrics are too
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     def train(self) -> None:
@@ -262,7 +271,7 @@ class BehaviorSFTRecipe:
         try:
             if not state["initial"]:  # the untrained model's dev metrics, the baseline of this run
                 state["initial"] = {f"initial_{k}": v for k, v in self.validate().items()}
-            # Every report carries the latest dev metrics, so schedulers (Tune's ASHA) always see them.
+            # Every report and log carries the latest dev metrics, so schedulers (Tune's ASHA) always see them.
             self.latest_dev = {k.removeprefix("initial_"): v for k, v in state["initial"].items()}
             for epoch in range(state["epoch"], cfg.epochs):
                 state["epoch"] = epoch
@@ -303,7 +312,7 @@ class BehaviorSFTRecipe:
             if reporting or last:
                 self.metrics = self._window_metrics(epoch)
                 if not checkpoint_now and not last:  # a checkpoint's report carries these metrics
-                    self._report({**self.metrics, **self.latest_dev})
+                    self._log({**self.metrics, **self.latest_dev})
             if checkpoint_now:
                 self.save(self.metrics, final=False)
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import LOG_DIR_ENV, HarnessError, crash_message, exception_chain
-from harness.store import location, rooted
+from harness.store import is_uri, location, rooted
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -347,7 +347,8 @@ def demo(
             PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile, "gpu": gpu}
         )
     )
-    os.environ.setdefault(LOG_DIR_ENV, str(Path(cfg.artifacts) / "logs"))  # the demo writes under --artifacts only
+    if not is_uri(cfg.artifacts):  # the demo writes under --artifacts only
+        os.environ.setdefault(LOG_DIR_ENV, str(Path(cfg.artifacts) / "logs"))
     with quiet("demo"), progress_bars() as bars:
         board = run(cfg, log=lambda line: console.print(line, highlight=False), progress=bars)
     print_frame(leaderboard.ranking(leaderboard.read(board)), title=f"BehaviorBench-mini leaderboard ({board})")

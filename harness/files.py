@@ -98,17 +98,33 @@ def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_output(path: Path, text: str, key: str) -> None:
-    """Write an output a user names (an export, a report, generated data) atomically. An existing file is replaced
-    only when it begins as `text` does (the same first line: the same kind of output, from this harness); any
-    other file is the user's, and `key` (the option or key that named `path`) is refused."""
+def refuse_foreign(path: Path, key: str, ours: Callable[[Path], bool]) -> None:
+    """Refuse, naming `key` (the option or key that named `path`), to replace anything at `path` but an empty file
+    or one that `ours` recognises as this command's own output: nothing else there is ever overwritten."""
     if path.is_dir():
         raise HarnessError(f"{key}: {path} is a directory")
-    if path.exists():
+    if path.exists() and not path.is_file():  # a pipe or a device: reading it to check could block
+        raise HarnessError(f"{key}: {path} is not a regular file")
+    if path.exists() and path.stat().st_size and not ours(path):
+        raise HarnessError(f"{key}: {path} exists and was not written by this command; remove it or choose another")
+
+
+def begins_as(text: str) -> Callable[[Path], bool]:
+    """Whether a file's first line is where `text` begins: the same kind of output (an export of one format)."""
+    start = text.encode("utf-8")
+
+    def check(path: Path) -> bool:
         with path.open("rb") as handle:
             first = handle.readline(SIGNATURE_BYTES)
-        if first != text.encode("utf-8")[: len(first)] or not first:
-            raise HarnessError(f"{key}: {path} exists and was not written by this command; remove it or choose another")
+        return start.startswith(first)
+
+    return check
+
+
+def write_output(path: Path, text: str, key: str) -> None:
+    """Write an output a user names (an export, a report) atomically, replacing only an earlier output of the same
+    kind (`begins_as`); see `refuse_foreign`."""
+    refuse_foreign(path, key, begins_as(text))
     write_text(path, text)
 
 

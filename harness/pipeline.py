@@ -116,18 +116,22 @@ def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[]
 
 
 def sharing_one_gpu(cfg: EvalConfig) -> EvalConfig:
-    """`cfg` with its agents' actors sharing one GPU equally."""
-    share = 1 / len(cfg.agents)
+    """`cfg` with its agents' actors (every replica) sharing one GPU equally."""
+    share = 1 / sum(agent.replicas for agent in cfg.agents)
     return replace(cfg, agents=[replace(agent, num_gpus=share) for agent in cfg.agents])
 
 
 def require_gpu() -> None:
-    """Join the cluster (or start a local one) for GPU work, and refuse one without a GPU: Ray would wait forever."""
+    """Join the cluster (or start a local one) for GPU work, and refuse one too small for a GPU training worker:
+    Ray would wait for it forever."""
     import ray
 
     init_ray(use_gpu=True)
-    if ray.cluster_resources().get("GPU", 0) < 1:
-        raise ConfigError("gpu: the Ray cluster has no GPU (ray.cluster_resources() lists none)")
+    have, need = ray.cluster_resources(), GPU_TRAIN["resources_per_worker"]
+    if any(have.get(name, 0) < amount for name, amount in need.items()):
+        held = ", ".join(f"{have.get(name, 0):g} {name}" for name in need)
+        wanted = ", ".join(f"{amount:g} {name}" for name, amount in need.items())
+        raise ConfigError(f"gpu: the Ray cluster has {held}; a GPU training worker needs {wanted}")
 
 
 def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progress | None = None) -> Path:
@@ -136,9 +140,11 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
     from harness.bench.synth import is_sample, write_sample
 
     profile = PROFILES[cfg.profile]
-    artifacts, results = Path(cfg.artifacts), Path(cfg.results) / profile.results
+    # GPU runs are sized and placed differently: their runs, predictions and results sit beside the CPU ones.
+    suffix = "-gpu" if cfg.gpu else ""
+    artifacts, results = Path(cfg.artifacts), Path(cfg.results) / f"{profile.results}{suffix}"
     os.environ.setdefault("HARNESS_MODELS_DIR", str(artifacts / "models"))  # where configs' model names resolve
-    data, runs, base = artifacts / "data" / "tasks.jsonl", artifacts / "runs", profile.base_model
+    data, runs, base = artifacts / "data" / "tasks.jsonl", artifacts / f"runs{suffix}", profile.base_model
     board = results / "leaderboard.parquet"
 
     def make_data() -> None:
@@ -187,7 +193,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
         paths: dict[str, Any] = {
             "data": str(data),
             "runs_dir": str(runs),
-            "output_dir": str(artifacts / "eval"),
+            "output_dir": str(artifacts / f"eval{suffix}"),
             "leaderboard": str(board),
         }
         eval_cfg = step_config(

@@ -231,7 +231,8 @@ def finished_best(cfg: SweepConfig) -> dict[str, Any] | None:
         return None
     if not saved.exists():
         raise ConfigError(
-            f"sweep {cfg.name}: {best} has no {SWEEP_CONFIG_FILE} beside it to check; choose another name"
+            f"sweep {cfg.name}: {best} has no {SWEEP_CONFIG_FILE} beside it to check; remove {cfg.directory} or "
+            "choose another name"
         )
     _check_unchanged(cfg, saved)
     return json.loads(best.read_text())

@@ -47,7 +47,7 @@ def ray_local(_ray_shutdown_at_end):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)  # CPU CI's, on any machine
     return ray
 
 

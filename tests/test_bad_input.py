@@ -584,9 +584,15 @@ def test_exports_and_generated_data_replace_only_their_own_kind_of_file(tmp_path
         assert run(["data", "make", "--out", str(tmp_path / "made"), "--tasks", str(20 + _)]) == 0
     assert (tmp_path / "board.csv").read_text().startswith("rank,agent,")
     assert len((tmp_path / "made" / "tasks.jsonl").read_text().splitlines()) == 21
-    assert run(["data", "make", "--out", str(tmp_path / "made"), "--tasks", "20", "--seed", "1"]) == 1
+    assert run(["data", "make", "--out", str(tmp_path / "made"), "--tasks", "20", "--seed", "1"]) == 0  # any sample
+    capsys.readouterr()
     assert run([*show, str(tmp_path / "data")]) == 1
-    assert capsys.readouterr().err.endswith(f"error: --out: {tmp_path / 'data'} is a directory\n")
+    assert capsys.readouterr().err == f"error: --out: {tmp_path / 'data'} is a directory\n"
+    os.mkfifo(tmp_path / "fifo")  # never opened to check (that would wait for a writer)
+    assert run([*show, str(tmp_path / "fifo")]) == 1
+    assert capsys.readouterr().err == f"error: --out: {tmp_path / 'fifo'} is not a regular file\n"
+    (tmp_path / "empty.csv").touch()  # nothing to lose
+    assert run([*show, str(tmp_path / "empty.csv")]) == 0
 
 
 def test_the_demo_refuses_data_under_artifacts_that_it_did_not_generate(tmp_path: Path, monkeypatch, capsys):
@@ -616,7 +622,7 @@ def test_a_finished_sweep_is_reused_only_with_the_config_it_saved(tmp_path: Path
     best = started.directory.child("best.json")
     Path(best.path).parent.mkdir(parents=True)
     best.write_text('{"trial_id": "t1"}\n')
-    with pytest.raises(ConfigError, match=rf"^sweep s: {best} has no {SWEEP_CONFIG_FILE} beside it to check; choose"):
+    with pytest.raises(ConfigError, match=rf"^sweep s: {best} has no {SWEEP_CONFIG_FILE} beside it to check; remove"):
         finished_best(started)
     started.directory.child(SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(started)))
     assert finished_best(started) == {"trial_id": "t1"}

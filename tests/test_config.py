@@ -71,5 +71,5 @@ def test_demo_gpu_settings_build_and_a_cluster_without_gpu_is_refused(ray_local)
         ValueError, match=r"^gpu: profile 'tiny' runs on CPU \(its sweep\); GPU profiles: \['smollm2'\]$"
     ):
         PipelineConfig(gpu=True)
-    with pytest.raises(ConfigError, match=r"^gpu: the Ray cluster has no GPU"):
+    with pytest.raises(ConfigError, match=r"^gpu: the Ray cluster has 2 CPU, 0 GPU; a GPU training worker needs 4 CPU"):
         require_gpu()  # the suite's Ray has CPUs only: training would wait for a GPU forever

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from harness.bench.records import TaskRecord
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
-from harness.files import write_output
+from harness.files import refuse_foreign, write_text
 
 SYSTEM_PROMPT = (
     "You are a clinical assistant supporting a hospital care team. The conversation includes "
@@ -549,7 +549,8 @@ def is_sample(path: Path) -> bool:
 
 def write_sample(out_dir: str | Path, tasks: int = 3000, seed: int = 0) -> Path:
     """Write BehaviorBench-mini as `tasks.jsonl` under `out_dir` (atomically) and return its path. An existing
-    file there is replaced only if it is a BehaviorBench-mini sample of the same seed (`harness.files.write_output`)."""
+    file there is replaced only if it is a BehaviorBench-mini sample too, of any size and seed (`is_sample`)."""
     path = Path(out_dir) / "tasks.jsonl"
-    write_output(path, sample_text(tasks, seed), "--out")
+    refuse_foreign(path, "--out", is_sample)
+    write_text(path, sample_text(tasks, seed))
     return path

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.errors import LOG_DIR_ENV, HarnessError, crash_message, exception_chain
+from harness.files import directory_problem
 from harness.store import is_uri, location, rooted
 
 app = typer.Typer(
@@ -193,7 +194,12 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -
     from harness.evaluate import evaluate as run_evaluation
 
     cfg = rooted(configs.load(EvalConfig, config, overrides or []))
-    leaderboard.read(cfg.leaderboard)  # one that is not a leaderboard is refused now, not after the evaluation
+    # Refused now, not after the evaluation: a leaderboard that is not one, outputs that could not be written.
+    leaderboard.read(cfg.leaderboard)
+    for key, directory in (("output_dir", Path(cfg.output_dir)), ("leaderboard", Path(cfg.leaderboard).parent)):
+        problem = None if is_uri(getattr(cfg, key)) else directory_problem(directory)
+        if problem:
+            raise HarnessError(f"{config or 'config'}: {key}: {getattr(cfg, key)}: {problem}")
     with quiet("eval"), progress_bars() as bars:
         result = run_evaluation(cfg, progress=bars.evaluation)
     leaderboard.append(cfg.leaderboard, result.metrics)
@@ -281,18 +287,23 @@ def leaderboard_show(
     """Print the ranking of one dataset and split (Macro F1 overall and hard, per-type shares), or export it."""
     from harness import leaderboard
 
+    if fmt not in ("table", "md", "csv", "html"):
+        raise HarnessError(f"--format: {fmt!r} is not one of table, md, csv, html")
+    if out is not None and fmt == "table":
+        raise HarnessError("--out: exports are md, csv or html: add --format")
     board = location(path, "--path")
     if not board.exists():
         raise HarnessError(f"{board}: no leaderboard yet (run `harness eval` first)")
+    frame = leaderboard.read(board)
+    if frame.empty:
+        raise HarnessError(f"{board}: the leaderboard has no rows")
     try:
-        table = leaderboard.ranking(leaderboard.read(board), dataset=dataset, split=split)
+        table = leaderboard.ranking(frame, dataset=dataset, split=split)
     except ValueError as exc:
         raise HarnessError(f"{board}: {exc}") from None
     if fmt == "table":
         print_frame(table, title=f"leaderboard: {board}, {leaderboard.title(table)}")
         return
-    if fmt not in ("md", "csv", "html"):
-        raise HarnessError(f"--format: {fmt!r} is not one of table, md, csv, html")
     if out is None:
         print(leaderboard.render(table, fmt), end="")
     else:
@@ -347,6 +358,10 @@ def demo(
             PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile, "gpu": gpu}
         )
     )
+    for option, directory in (("--artifacts", cfg.artifacts), ("--results", cfg.results)):
+        problem = None if is_uri(directory) else directory_problem(Path(directory))
+        if problem:
+            raise HarnessError(f"{option}: {directory}: {problem}")
     if not is_uri(cfg.artifacts):  # the demo writes under --artifacts only
         os.environ.setdefault(LOG_DIR_ENV, str(Path(cfg.artifacts) / "logs"))
     with quiet("demo"), progress_bars() as bars:

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import types
 import typing
+from collections.abc import Hashable
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -144,6 +145,8 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any, where: str) -> N
     """Set `dotted` (`a.b.c`) in the nested mapping `values`, in place, creating missing sections."""
     node = values
     *parents, last = dotted.split(".")
+    if not all([*parents, last]):
+        raise ConfigError(f"{where}: {dotted!r} is not a key (empty name between dots)")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -159,6 +162,23 @@ def get_dotted(values: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with a repeated key, which PyYAML would resolve to the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, whose keys the mapping may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
     """The YAML document at `path`; a problem raises one ConfigError line naming the file (and line, column)."""
     try:
@@ -166,7 +186,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     try:
-        return yaml.safe_load(decode_utf8(data))
+        return yaml.load(decode_utf8(data), Loader=_UniqueKeyLoader)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:

@@ -286,7 +286,7 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
             clean_dir=scratch,
         )
         tasks = tasks.filter(expr=col("split") == split, num_cpus=PREP_CPUS).materialize()
-    ids = sorted(tasks.select_columns(["task_id"]).to_pandas()["task_id"])
+    ids = sorted(row["task_id"] for row in tasks.select_columns(["task_id"]).iter_rows())  # an empty split: no columns
     if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
     if cfg.max_tasks and cfg.max_tasks < len(ids):

@@ -98,9 +98,23 @@ def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def directory_problem(path: Path) -> str | None:
+    """Why a directory could not be created or written at `path` (a file on the way, no write permission), or None."""
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                return f"{ancestor} is not a directory"
+            return None if os.access(ancestor, os.W_OK | os.X_OK) else f"{ancestor} is not writable"
+    return None
+
+
 def refuse_foreign(path: Path, key: str, ours: Callable[[Path], bool]) -> None:
     """Refuse, naming `key` (the option or key that named `path`), to replace anything at `path` but an empty file
-    or one that `ours` recognises as this command's own output: nothing else there is ever overwritten."""
+    or one that `ours` recognises as this command's own output: nothing else there is ever overwritten. A file
+    that could not be written there is refused too."""
+    problem = directory_problem(path.parent)
+    if problem:
+        raise HarnessError(f"{key}: {path}: {problem}")
     if path.is_dir():
         raise HarnessError(f"{key}: {path} is a directory")
     if path.exists() and not path.is_file():  # a pipe or a device: reading it to check could block

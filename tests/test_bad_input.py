@@ -19,6 +19,7 @@ import yaml
 
 from harness import config
 from harness.bench import load_dataset, load_tasks, load_taxonomy, validate
+from harness.bench.synth import write_sample
 from harness.cli import run
 from harness.errors import ConfigError, DataError
 from harness.files import write_atomic, write_text
@@ -106,6 +107,12 @@ def test_yaml_config_and_taxonomy_that_are_not_utf8(tmp_path: Path):
     assert str(info.value) == message
     run = _harness(tmp_path, "data", "validate", str(BAD_DIR / "mixed.jsonl"), "--taxonomy", str(bad_taxonomy))
     _one_error_line(run, message)
+
+
+def test_a_repeated_yaml_key_is_refused_not_resolved_to_the_last(tmp_path: Path):
+    bad_config = BAD_DIR / "duplicate_key.yaml"
+    message = f"{bad_config}: cannot read config: not valid YAML at line 4, column 1: duplicate key 'epochs'"
+    _one_error_line(_harness(tmp_path, "train", "--config", str(bad_config)), message)
 
 
 # 2. Parquet files that are not task tables
@@ -658,3 +665,14 @@ def test_a_directory_copy_replaces_the_old_one_and_removes_what_a_killed_copy_le
     assert sorted(p.name for p in target.parent.iterdir()) == ["final"]
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["sub", "sub/weights.bin"]
     assert (target / "sub" / "weights.bin").read_bytes() == b"new"
+
+
+def test_an_evaluation_of_a_split_without_tasks_is_one_line(tmp_path: Path, monkeypatch, capsys, tiny_model, ray_local):
+    data = write_sample(tmp_path / "data", tasks=20, seed=0)  # train and dev only
+    agent = {"name": "a", "model": str(tiny_model), "mode": "zero_shot"}
+    config_file = tmp_path / "eval.yaml"
+    config_file.write_text(yaml.safe_dump({"agents": [agent], "data": str(data), "output_dir": str(tmp_path / "ev")}))
+    monkeypatch.chdir(tmp_path)
+    assert run(["eval", "--config", str(config_file), f"leaderboard={tmp_path / 'lb.parquet'}"]) == 1
+    assert capsys.readouterr().err == f"error: {data}: no tasks in split 'test'\n"
+    assert not (tmp_path / "lb.parquet").exists()

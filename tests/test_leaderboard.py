@@ -134,3 +134,15 @@ def test_read_refuses_what_is_not_a_leaderboard_and_a_missing_one_is_empty(tmp_p
         "timestamp)"
     )
     assert leaderboard.read(tmp_path / "missing.parquet").empty
+
+
+def test_agents_scored_without_bootstrap_rank_without_intervals(tmp_path: Path):
+    scored = score_agents({"a": _predictions(0.9, seed=1), "b": _predictions(0.6, seed=2)}, samples=0)
+    frame = pd.concat([_metadata(rows, agent, f"run-{agent}") for agent, rows in scored.items()])
+    assert frame.ci_low.isna().all()
+    board = tmp_path / "lb.parquet"
+    leaderboard.append(board, frame.astype({"ci_low": object, "ci_high": object}).replace({np.nan: None}))
+    ranking = leaderboard.ranking(leaderboard.read(board))
+    assert list(ranking.agent) == ["a", "b"] and list(ranking["rank"]) == [1, 2]  # no interval: no tie either
+    assert list(ranking.overall_ci) == ["", ""]
+    assert "| 1 | a |" in leaderboard.render(ranking, "md")

@@ -48,7 +48,8 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     if origin is dict or kind is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_kind, value_kind = typing.get_args(kind) or (Any, Any)
+        return {_coerce(key_kind, k, where): _coerce(value_kind, v, f"{where}.{k}") for k, v in value.items()}
     if kind is Any:
         return value
     scalar_ok = {
@@ -90,11 +91,18 @@ def build(cls: type[T], values: Any, where: str = "config") -> T:
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(f"{_key(where, unknown[0])}: unknown key (known keys: {', '.join(names)})")
+    required = [f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in values]
+    if required:
+        raise ConfigError(f"{_key(where, required[0])}: missing (a required key)")
     kwargs = {k: _coerce(hints[k], v, _key(where, k)) for k, v in values.items()}
     try:
         return cls(**kwargs)
     except (ValueError, TypeError, ConfigError) as exc:  # from __post_init__ checks
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _required(item: dataclasses.Field) -> bool:
+    return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
 
 
 def _field_type(cls: Any, parts: list[str]) -> Any:

@@ -110,6 +110,8 @@ def _raw_rows(file: DataFile) -> Iterator[tuple[int, dict[str, Any] | str, str]]
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
+                if line == 1 and text.lstrip().startswith("["):  # every line of it would be a bad row
+                    raise DataError([], f"{file.source}: a JSON array, not JSON Lines (one object per line)") from None
                 yield line, raw, f"malformed JSON: {exc.msg} (column {exc.colno})"
                 continue
             if not isinstance(row, dict):

@@ -143,8 +143,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str], cls: type | No
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {override!r}: the value is not valid YAML{_yaml_problem(exc)}") from None
-        if isinstance(value, (int, float, datetime.date)) and _is_str(_field_type(cls, key.split("."))):
+        kind = _field_type(cls, key.split("."))
+        if isinstance(value, (int, float, datetime.date)) and _is_str(kind):
             value = raw.strip()
+        if kind is not None and not dataclasses.is_dataclass(kind):
+            _coerce(kind, value, f"override {override!r}: {key}")  # a wrong type is the override's, not the file's
         set_dotted(values, key, value, f"override {override!r}")
     return values
 

@@ -170,7 +170,7 @@ def test_numbers_still_parse_and_none_stays_none():
     assert config.load(TrainConfig, None, ["taxonomy=null"]).taxonomy is None
     sweep = config.load(SweepConfig, None, ["name=2024", "train.run_name=7"])
     assert (sweep.name, sweep.train.run_name) == ("2024", "7")
-    with pytest.raises(ConfigError, match=r"^config: epochs: expected int, got 'five'$"):
+    with pytest.raises(ConfigError, match=r"^override 'epochs=five': epochs: expected int, got 'five'$"):
         config.load(TrainConfig, None, ["epochs=five"])
 
 

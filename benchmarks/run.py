@@ -1,6 +1,6 @@
 """Benchmarks, measured side by side in one run; results as a Markdown table.
 
-    python -m benchmarks.run [--out benchmarks/results.md] [--sizes 1000,10000,100000] [--smollm2]
+    python -m benchmarks.run [--out benchmarks/results.md] [--readme README.md] [--sizes 1000,10000,100000] [--smollm2]
 
 1. Evaluation throughput (tasks/s) of the harness (Ray Data, behavior-token scoring) at 1 and 2
    replicas, against a plain sequential transformers loop doing the same scoring on the same model
@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from harness.bench import load_tasks, load_taxonomy
 from harness.bench.synth import write_sample
 from harness.config import build
 from harness.evaluate import EvalConfig, evaluate
+from harness.files import write_atomic
 from harness.model import ModelSettings, add_behavior_tokens, load_model, load_tokenizer, make_tiny
 from harness.prompts import encode_example, target_text
 from harness.scoring import label_scores
@@ -118,12 +121,37 @@ def plain_train(model_dir: Path, data: Path, steps: int, batch_size: int = 16) -
     return tokens / (time.perf_counter() - began)
 
 
+README_BLOCK = ("<!-- make bench: begin -->", "<!-- make bench: end -->")
+
+
+def into_readme(readme: Path, text: str) -> None:
+    """Put `text` between the README's `README_BLOCK` markers, in place of what the last run put there."""
+    begin, end = README_BLOCK
+    before, rest = readme.read_text().split(begin, 1)
+    after = rest.split(end, 1)[1]
+    write_atomic(readme, lambda tmp: tmp.write_text(f"{before}{begin}\n{text}\n{end}{after}"))
+
+
+def provenance(seconds: float) -> str:
+    """Where and when these numbers were taken."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return (
+        f"Measured by `make bench` in {seconds / 60:.0f} min on {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d')}, at commit {commit or 'unknown'}; compare ratios within one run."
+    )
+
+
 def main() -> None:
+    began = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results.md")
     parser.add_argument("--sizes", default="1000,10000,100000", help="rows streamed in the scaling benchmark")
     parser.add_argument("--smollm2", action="store_true", help="also compare with lm-eval on SmolLM2-135M")
+    parser.add_argument("--readme", default="README.md", help="whose marked block gets the results too ('' for none)")
     args = parser.parse_args()
+    lm_eval_compare.lm_eval_binary()  # missing: refused now, not after the other benchmarks
+    if args.readme and not all(marker in Path(args.readme).read_text() for marker in README_BLOCK):
+        raise SystemExit(f"{args.readme}: no {' ... '.join(README_BLOCK)} block for the results (or pass --readme '')")
     import ray
 
     ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR", log_to_driver=False)
@@ -199,15 +227,25 @@ def main() -> None:
     for agents in (1, 2, 4):
         scaling(f"scaling: {agents} agent(s) x {{n}} tasks", data, f"agents-{agents}", agents=agents)
 
-    lines = ["| benchmark | result | ratio |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
-    lines += [
+    compared = lm_eval_compare.section(work / "lm-eval", smollm2=args.smollm2)
+    lines = [
+        provenance(time.perf_counter() - began),
         "",
-        "## Against lm-evaluation-harness",
+        "#### Against lm-evaluation-harness",
         "",
-        lm_eval_compare.section(work / "lm-eval", smollm2=args.smollm2),
+        compared,
+        "",
+        "#### Throughput against plain loops, and scaling",
+        "",
+        "| benchmark | result | ratio |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    write_atomic(Path(args.out), lambda tmp: tmp.write_text(text + "\n"))
+    if args.readme:
+        into_readme(Path(args.readme), text)
+    print(text)
 
 
 if __name__ == "__main__":

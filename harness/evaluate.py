@@ -1,8 +1,9 @@
 """Evaluate many agents on BehaviorBench in one Ray Data job, in parallel, resumably.
 
-The split is read once (streaming, then materialized in the object store); each agent is an actor
-pool (`map_batches` over a callable class) that selects behaviors through `harness.selection`; all
-agents' pipelines run as one union, so one streaming executor schedules them side by side.
+The driver validates the data and puts the split's tasks in the object store as it reads them
+(`harness.bench.io.put_split`). Agents are grouped into actor pools (`actor_groups`): agents that ask for part
+of a CPU or GPU share their actors, which load each model once and select behaviors through
+`harness.selection`. All pools run as one union, so one streaming executor schedules them side by side.
 Predictions land in each agent's `PredictionStore` as they arrive: a killed job resumes with the
 tasks that have no prediction yet, and an agent whose predictions are final is not run again.
 An agent whose batches keep failing is reported with its root cause; the others finish and are recorded.
@@ -17,12 +18,12 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from harness import leaderboard
-from harness.bench.io import PREP_CPUS, fingerprint, load_dataset
+from harness.bench.io import PREP_CPUS, fingerprint, put_split
 from harness.bench.records import SPLITS
 from harness.bench.taxonomy import Taxonomy, load_taxonomy
 from harness.cluster import check_reachable
@@ -43,6 +44,9 @@ from harness.selection import (
 from harness.store import Location, location, model_path, model_stamp, resolve
 from harness.tokens import TokenDesign
 from harness.tracking import TrackingSettings, record_evaluation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BATCH_TRIES = 2  # tries of one model batch before its tasks are reported as failed
 BACKENDS = ("hf", "vllm")
@@ -191,67 +195,89 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-class AgentPredictor:
-    """Ray Data callable class: one agent's model; selects behaviors for a batch of tasks.
+Loaded = tuple["PreTrainedModel", "PreTrainedTokenizerBase"]
 
-    Failures (loading the model, or a model batch after `BATCH_TRIES` tries) come back as rows whose
-    `error` holds the traceback, so the driver can report them and the other agents go on.
+
+class AgentPredictor:
+    """Ray Data callable class: the models of one group of agents (`actor_groups`), loaded once per process;
+    selects each task's behavior with the agent its row names.
+
+    Failures (loading an agent's model, or a model batch after `BATCH_TRIES` tries) come back as rows whose
+    `error` holds the traceback, so the driver can report that agent and the others go on.
     """
 
-    def __init__(self, agent: ResolvedAgent, cfg: EvalConfig):
-        self.agent, self.cfg, self.failure = agent, cfg, ""
-        try:
-            self.selector = self._load()
-            self.template_sha256 = chat_template_sha256(self.selector.tokenizer)
-        except Exception as exc:  # reported per task by __call__, with its traceback
-            self.failure = "".join(traceback.format_exception(_root_cause(exc)))
+    def __init__(self, agents: list[ResolvedAgent], cfg: EvalConfig, done: dict[str, list[str]]):
+        self.cfg = cfg
+        self.agents = {agent.spec.name: agent for agent in agents}
+        self.done = {name: set(ids) for name, ids in done.items()}  # tasks an agent already has predictions for
+        self.selectors: dict[str, Selector] = {}
+        self.template_sha256: dict[str, str] = {}
+        self.failures: dict[str, str] = {}
+        loaded: dict[tuple, Loaded] = {}  # prompt-only agents of one model share its copy
+        for name, agent in self.agents.items():
+            try:
+                self.selectors[name] = self._load(agent, loaded)
+                self.template_sha256[name] = chat_template_sha256(self.selectors[name].tokenizer)
+            except Exception as exc:  # reported per task by __call__, with its traceback
+                self.failures[name] = "".join(traceback.format_exception(_root_cause(exc)))
 
-    def _load(self) -> Selector:
+    def _load(self, agent: ResolvedAgent, loaded: dict[tuple, Loaded]) -> Selector:
         import torch
 
-        spec, taxonomy = self.agent.spec, load_taxonomy(self.cfg.taxonomy)
-        use_gpu = spec.num_gpus > 0 and torch.cuda.is_available()
-        path = local_copy(self.agent.model_path)
-        tokenizer = load_tokenizer(path, spec.trust_remote_code)
-        settings = ModelSettings(path, spec.dtype, spec.trust_remote_code)
-        model = load_model(settings, use_gpu).to("cuda" if use_gpu else "cpu").eval()
-        design = self.agent.design
-        if design is not None and design.apply(tokenizer, model, taxonomy):
-            raise ConfigError(
-                f"agent {spec.name}: {self.agent.model_path} lacks the behavior tokens of design {design.name}; "
-                "was it trained with it?"
-            )
+        spec, taxonomy, design = agent.spec, load_taxonomy(self.cfg.taxonomy), agent.design
+        key = (agent.model_path, spec.dtype, spec.trust_remote_code, design)
+        if key not in loaded:
+            use_gpu = spec.num_gpus > 0 and torch.cuda.is_available()
+            path = local_copy(agent.model_path)
+            tokenizer = load_tokenizer(path, spec.trust_remote_code)
+            settings = ModelSettings(path, spec.dtype, spec.trust_remote_code)
+            model = load_model(settings, use_gpu).to("cuda" if use_gpu else "cpu").eval()
+            if design is not None and design.apply(tokenizer, model, taxonomy):
+                raise ConfigError(
+                    f"agent {spec.name}: {agent.model_path} lacks the behavior tokens of design {design.name}; "
+                    "was it trained with it?"
+                )
+            loaded[key] = model, tokenizer
+        model, tokenizer = loaded[key]
         cfg, strategy = self.cfg, Strategy(spec.strategy)
         return Selector(model, tokenizer, taxonomy, spec.mode, strategy, design, cfg.answers, cfg.max_new_tokens)
 
-    def _select(self, prompts: list[list[int]]) -> tuple[list, str]:
+    def _select(self, selector: Selector, prompts: list[list[int]]) -> tuple[list, str]:
         """Selections of one model batch, or the last error's traceback after BATCH_TRIES tries (its last line,
         the one the user sees, says so)."""
         for _ in range(BATCH_TRIES):
             try:
-                return self.selector.select(prompts), ""
+                return selector.select(prompts), ""
             except Exception as exc:  # e.g. out of memory; retried, then reported
                 error = "".join(traceback.format_exception(exc)).rstrip()
         return [], f"{error} (the batch failed {BATCH_TRIES} times)"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        n = len(batch["task_id"])
+        """Every agent's predictions for the tasks of `batch` it has none for yet."""
+        outputs = []
+        for name in self.agents:
+            index = [i for i, task in enumerate(batch["task_id"]) if task not in self.done[name]]
+            outputs.append(self._predict(name, {key: [column[i] for i in index] for key, column in batch.items()}))
+        return {key: [value for out in outputs for value in out[key]] for key in outputs[0]}
+
+    def _predict(self, name: str, batch: dict[str, list]) -> dict[str, list]:
+        """One agent's predictions for its rows of a batch."""
+        n, spec = len(batch["task_id"]), self.agents[name].spec
         produced = ("prompt", "prompt_tokens", "chat_template_sha256", "pred_behavior", "pred_label", "scores")
         out: dict[str, list] = {k: [None] * n for k in (*produced, "answer", "latency_ms", "error")}
-        if self.failure:
-            out["error"] = [self.failure] * n
+        if name in self.failures:
+            out["error"] = [self.failures[name]] * n
         else:
-            tokenizer = self.selector.tokenizer
-            out["prompt"] = [self.selector.prompt(list(m)) for m in batch["messages"]]
-            prompts = [encode_prompt(tokenizer, text, self.cfg.max_prompt_tokens) for text in out["prompt"]]
+            selector = self.selectors[name]
+            out["prompt"] = [selector.prompt(list(m)) for m in batch["messages"]]
+            prompts = [encode_prompt(selector.tokenizer, text, self.cfg.max_prompt_tokens) for text in out["prompt"]]
             out["prompt_tokens"] = [len(ids) for ids in prompts]
-            out["chat_template_sha256"] = [self.template_sha256] * n
+            out["chat_template_sha256"] = [self.template_sha256[name]] * n
             order = sorted(range(n), key=lambda i: len(prompts[i]))  # length buckets: little padding
-            size = self.agent.spec.batch_size
-            for start in range(0, n, size):
-                group = order[start : start + size]
+            for start in range(0, n, spec.batch_size):
+                group = order[start : start + spec.batch_size]
                 began = time.perf_counter()
-                selections, error = self._select([prompts[i] for i in group])
+                selections, error = self._select(selector, [prompts[i] for i in group])
                 latency = (time.perf_counter() - began) * 1000 / len(group)
                 for k, i in enumerate(group):
                     out["error"][i], out["latency_ms"][i] = error, latency
@@ -260,39 +286,71 @@ class AgentPredictor:
                         out["pred_behavior"][i], out["pred_label"][i] = chosen.behavior, chosen.label
                         out["scores"][i], out["answer"][i] = chosen.scores, chosen.answer
         return {
-            "task_id": list(batch["task_id"]),
-            "case_id": list(batch["case_id"]),
-            "agent": [self.agent.spec.name] * n,
-            "category": list(batch["category"]),
-            "task_type": list(batch["task_type"]),
-            "gold_behavior": list(batch["gold_behavior"]),
+            **{k: batch[k] for k in ("task_id", "case_id", "category", "task_type", "gold_behavior")},
+            "agent": [name] * n,
             "hard": [bool(h) for h in batch["hard"]],
-            "strategy": [Strategy(self.agent.spec.strategy).value] * n,
+            "strategy": [Strategy(spec.strategy).value] * n,
             **out,
         }
 
 
+def actor_demand(group: list[ResolvedAgent]) -> dict[str, float]:
+    """What one actor of a group asks Ray for: its agents' CPUs, GPUs and custom resources added up."""
+    demand: dict[str, float] = {}
+    for spec in (agent.spec for agent in group):
+        for name, amount in {"CPU": spec.num_cpus, "GPU": spec.num_gpus, **spec.resources}.items():
+            demand[name] = round(demand.get(name, 0.0) + amount, 4)
+    return demand
+
+
+def _shareable(group: list[ResolvedAgent], nodes: list[dict[str, float]]) -> bool:
+    """Whether `group`'s agents fit in one actor: together at most one CPU (GPU agents: one GPU, the device its
+    models go on), and their added-up demand within one of `nodes` (each node's resources)."""
+    demand = actor_demand(group)
+    if demand["GPU" if demand["GPU"] else "CPU"] > 1:
+        return False
+    return any(all(node.get(name, 0.0) >= amount for name, amount in demand.items() if amount) for node in nodes)
+
+
+def actor_groups(agents: list[ResolvedAgent], nodes: list[dict[str, float]]) -> list[list[ResolvedAgent]]:
+    """Agents (backend hf) grouped to share actors. Agents that ask for part of a CPU (or of a GPU) would share it
+    anyway; in one process they import torch and transformers once, and agents of one model share its copy. Agents
+    with the same replicas, custom resources and GPU use are grouped in config order while they fit
+    (`_shareable`); the others run alone, as before."""
+    groups: list[list[ResolvedAgent]] = []
+    latest: dict[tuple, list[ResolvedAgent]] = {}
+    for agent in agents:
+        spec = agent.spec
+        key = (spec.replicas, spec.num_gpus > 0, tuple(sorted(spec.resources.items())))
+        if key in latest and _shareable([*latest[key], agent], nodes):
+            latest[key].append(agent)
+        else:
+            latest[key] = [agent]
+            groups.append(latest[key])
+    return groups
+
+
 def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
-    """The split's tasks (the first `max_tasks` by task_id), materialized in parts, and their ids."""
+    """The split's tasks (the first `max_tasks` by task_id) in the object store, in parts, and their ids."""
+    import ray.data
     from ray.data.expressions import col
 
-    split = cfg.split
-    with out.local_dir() as scratch:  # the rejects and clean copy of skipped bad rows land in `out`
-        tasks = load_dataset(
+    with out.local_dir() as scratch:  # skipped bad rows are written to `out`
+        blocks, ids = put_split(
             resolve(cfg.data),
+            cfg.split,
+            cfg.part_size,
             taxonomy,
             skip_bad_rows=cfg.skip_bad_rows,
             rejects_path=scratch / "rejects.jsonl",
-            clean_dir=scratch,
         )
-        tasks = tasks.filter(expr=col("split") == split, num_cpus=PREP_CPUS).materialize()
-    ids = sorted(row["task_id"] for row in tasks.select_columns(["task_id"]).iter_rows())  # an empty split: no columns
     if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
+    tasks = ray.data.from_arrow_refs(blocks)
     if cfg.max_tasks and cfg.max_tasks < len(ids):
-        ids = ids[: cfg.max_tasks]
+        ids = sorted(ids)[: cfg.max_tasks]
         tasks = tasks.filter(expr=col("task_id").is_in(ids), num_cpus=PREP_CPUS)
-    tasks = tasks.repartition(target_num_rows_per_block=cfg.part_size, strict=True).materialize()
+        tasks = tasks.repartition(target_num_rows_per_block=cfg.part_size, strict=True).materialize()
     return tasks, set(ids)
 
 
@@ -336,28 +394,36 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     check_reachable({"data": cfg.data, "taxonomy": cfg.taxonomy, **models})
     tasks, planned = _planned_tasks(cfg, taxonomy, out)
 
-    pipelines, remaining = [], {}
+    pipelines, remaining, done = [], {}, {}
     for agent in agents:
         store = stores[agent.spec.name]
         if store.finished:
             continue
-        done = store.done_ids()
-        todo = tasks if not done else tasks.filter(expr=col("task_id").not_in(sorted(done)), num_cpus=PREP_CPUS)
-        remaining[agent.spec.name] = len(planned - done)
+        done[agent.spec.name] = sorted(store.done_ids())
+        remaining[agent.spec.name] = len(planned - set(done[agent.spec.name]))
         if agent.spec.backend == "vllm":
             from harness.vllm_backend import vllm_pipeline
 
+            todo = tasks.filter(expr=col("task_id").not_in(done[agent.spec.name]), num_cpus=PREP_CPUS)
             pipelines.append(vllm_pipeline(todo, agent, cfg))
-            continue
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    for group in actor_groups([a for a in agents if a.spec.name in done and a.spec.backend == "hf"], nodes):
+        demand = actor_demand(group)
+        # No Ray Data operator between the materialized tasks and the actors: a task of one could wait forever
+        # for CPUs the actors hold.
         pipelines.append(
-            todo.map_batches(
+            tasks.map_batches(
                 AgentPredictor,
-                fn_constructor_kwargs={"agent": agent, "cfg": cfg},
+                fn_constructor_kwargs={
+                    "agents": group,
+                    "cfg": cfg,
+                    "done": {a.spec.name: done[a.spec.name] for a in group},
+                },
                 batch_size=cfg.part_size,
-                compute=ray.data.ActorPoolStrategy(size=agent.spec.replicas),
-                num_cpus=agent.spec.num_cpus,
-                num_gpus=agent.spec.num_gpus,
-                resources=dict(agent.spec.resources),
+                compute=ray.data.ActorPoolStrategy(size=group[0].spec.replicas),
+                num_cpus=demand.pop("CPU"),
+                num_gpus=demand.pop("GPU"),
+                resources=demand,
                 max_restarts=BATCH_TRIES,  # an actor that dies (e.g. killed for memory) is not retried forever
                 max_task_retries=BATCH_TRIES,
             )

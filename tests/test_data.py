@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from harness.bench import fingerprint, load_dataset, load_tasks, validate
+from harness.bench.io import put_split
 from harness.bench.synth import generate, write_sample
 from harness.errors import DataError
 
@@ -103,6 +104,21 @@ def test_ray_dataset_streams_the_same_tasks(sample: Path, tmp_path: Path, ray_lo
         load_dataset(BAD_DIR / "mixed.jsonl")
     skipped = load_dataset(BAD_DIR / "mixed.jsonl", skip_bad_rows=True, rejects_path=tmp_path / "r.jsonl")
     assert sorted(r["task_id"] for r in skipped.take_all()) == ["ok-1", "ok-13"]
+
+
+def test_a_split_is_put_in_blocks_as_it_is_validated(sample: Path, tmp_path: Path, ray_local):
+    blocks, ids = put_split(sample, "test", 16)
+    test = load_tasks(sample, split="test")
+    assert ids == list(test.task_id)  # file order
+    tables = ray_local.get(blocks)
+    assert [t.num_rows for t in tables] == [16] * (len(ids) // 16) + ([len(ids) % 16] if len(ids) % 16 else [])
+    assert tables[0].to_pylist()[0] == test.iloc[0].to_dict() | {"messages": list(test.iloc[0].messages)}
+    with pytest.raises(DataError):
+        put_split(BAD_DIR / "mixed.jsonl", "test", 16)
+    rejects = tmp_path / "rejects.jsonl"
+    blocks, ids = put_split(BAD_DIR / "mixed.jsonl", "test", 16, skip_bad_rows=True, rejects_path=rejects)
+    assert ids == ["ok-1"] and [t.num_rows for t in ray_local.get(blocks)] == [1]  # ok-13 is a dev task
+    assert len(rejects.read_text().splitlines()) == 11
 
 
 def test_sample_is_deterministic_and_covers_the_taxonomy(tmp_path: Path):

@@ -225,6 +225,63 @@ def load_tasks(
     return frame
 
 
+# The columns of `normalize_row`, so that every block of tasks has the same Arrow schema.
+TASK_SCHEMA = pa.schema(
+    [
+        *((name, pa.string()) for name in ("task_id", "case_id", "category", "task_type")),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("gold_behavior", pa.string()),
+        ("split", pa.string()),
+        ("hard", pa.bool_()),
+        ("reference", pa.string()),
+    ]
+)
+
+
+def put_split(
+    path: str | Path,
+    split: str,
+    rows_per_block: int,
+    taxonomy: Taxonomy | None = None,
+    *,
+    skip_bad_rows: bool = False,
+    rejects_path: str | Path | None = None,
+) -> tuple[list[ray.ObjectRef], list[str]]:
+    """The valid tasks of `split` at `path` as Arrow blocks of `rows_per_block` rows in the Ray object store, and
+    their ids, in file order.
+
+    This process puts each block as its validating pass reads the rows (it holds one block at a time): no Ray
+    task reads the data again. Refuses a file with bad rows unless `skip_bad_rows` (then they go to `rejects_path`).
+    """
+    import ray
+
+    blocks: list[ray.ObjectRef] = []
+    rows: list[dict[str, Any]] = []
+    ids: list[str] = []
+
+    def put() -> None:
+        blocks.append(ray.put(pa.Table.from_pylist(rows, schema=TASK_SCHEMA)))
+        rows.clear()
+
+    def keep(row: dict[str, Any]) -> None:
+        if row["split"] == split:
+            rows.append(row)
+            ids.append(row["task_id"])
+            if len(rows) == rows_per_block:
+                put()
+
+    rejects = _Rejects(Path(rejects_path) if rejects_path else None)
+    try:
+        result = _scan(path, taxonomy or load_taxonomy(), on_good=keep, on_bad=rejects)
+    finally:
+        rejects.close()
+    if result.problems and not skip_bad_rows:
+        _refuse(result, path)
+    if rows:
+        put()
+    return blocks, ids
+
+
 def _blocks(files: list[DataFile]) -> int:
     return max(1, math.ceil(sum(f.local.stat().st_size for f in files) / BLOCK_BYTES))
 

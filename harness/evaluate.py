@@ -200,7 +200,7 @@ Loaded = tuple["PreTrainedModel", "PreTrainedTokenizerBase"]
 
 class AgentPredictor:
     """Ray Data callable class: the models of one group of agents (`actor_groups`), loaded once per process;
-    selects each task's behavior with the agent its row names.
+    runs every agent of the group on each batch of tasks, skipping the tasks an agent already has (`done`).
 
     Failures (loading an agent's model, or a model batch after `BATCH_TRIES` tries) come back as rows whose
     `error` holds the traceback, so the driver can report that agent and the others go on.

@@ -142,7 +142,7 @@ def provenance(seconds: float) -> str:
 
 
 def main() -> None:
-    began = time.perf_counter()
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results.md")
     parser.add_argument("--sizes", default="1000,10000,100000", help="rows streamed in the scaling benchmark")
@@ -231,7 +231,7 @@ def main() -> None:
         scaling(f"scaling: {agents} agent(s) x {{n}} tasks", data, f"agents-{agents}", agents=agents)
 
     lines = [
-        provenance(time.perf_counter() - began),
+        provenance(time.perf_counter() - started),
         "",
         "#### Against lm-evaluation-harness",
         "",

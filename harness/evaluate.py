@@ -206,10 +206,10 @@ class AgentPredictor:
     `error` holds the traceback, so the driver can report that agent and the others go on.
     """
 
-    def __init__(self, agents: list[ResolvedAgent], cfg: EvalConfig, done: dict[str, list[str]]):
+    def __init__(self, agents: list[ResolvedAgent], cfg: EvalConfig, done: dict[str, set[str]]):
         self.cfg = cfg
         self.agents = {agent.spec.name: agent for agent in agents}
-        self.done = {name: set(ids) for name, ids in done.items()}  # tasks an agent already has predictions for
+        self.done = done  # the tasks each agent already has predictions for
         self.selectors: dict[str, Selector] = {}
         self.template_sha256: dict[str, str] = {}
         self.failures: dict[str, str] = {}
@@ -399,12 +399,12 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         store = stores[agent.spec.name]
         if store.finished:
             continue
-        done[agent.spec.name] = sorted(store.done_ids())
-        remaining[agent.spec.name] = len(planned - set(done[agent.spec.name]))
+        done[agent.spec.name] = store.done_ids()
+        remaining[agent.spec.name] = len(planned - done[agent.spec.name])
         if agent.spec.backend == "vllm":
             from harness.vllm_backend import vllm_pipeline
 
-            todo = tasks.filter(expr=col("task_id").not_in(done[agent.spec.name]), num_cpus=PREP_CPUS)
+            todo = tasks.filter(expr=col("task_id").not_in(sorted(done[agent.spec.name])), num_cpus=PREP_CPUS)
             pipelines.append(vllm_pipeline(todo, agent, cfg))
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     for group in actor_groups([a for a in agents if a.spec.name in done and a.spec.backend == "hf"], nodes):

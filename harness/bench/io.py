@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,6 +201,25 @@ def _refuse(result: ScanResult, path: str | Path) -> None:
     )
 
 
+def _scan_valid(
+    path: str | Path,
+    taxonomy: Taxonomy | None,
+    on_good: Callable[[dict[str, Any]], None],
+    skip_bad_rows: bool,
+    rejects_path: str | Path | None,
+) -> ScanResult:
+    """One pass giving each valid row to `on_good`; bad rows go to `rejects_path`, and refuse the file unless
+    `skip_bad_rows`."""
+    rejects = _Rejects(Path(rejects_path) if rejects_path else None)
+    try:
+        result = _scan(path, taxonomy or load_taxonomy(), on_good=on_good, on_bad=rejects)
+    finally:
+        rejects.close()
+    if result.problems and not skip_bad_rows:
+        _refuse(result, path)
+    return result
+
+
 def load_tasks(
     path: str | Path,
     taxonomy: Taxonomy | None = None,
@@ -211,13 +230,7 @@ def load_tasks(
 ) -> pd.DataFrame:
     """All valid tasks at `path` as a frame; refuses a file with bad rows unless `skip_bad_rows`."""
     rows: list[dict[str, Any]] = []
-    rejects = _Rejects(Path(rejects_path) if rejects_path else None)
-    try:
-        result = _scan(path, taxonomy or load_taxonomy(), on_good=rows.append, on_bad=rejects)
-    finally:
-        rejects.close()
-    if result.problems and not skip_bad_rows:
-        _refuse(result, path)
+    result = _scan_valid(path, taxonomy, rows.append, skip_bad_rows, rejects_path)
     frame = pd.DataFrame(rows)
     if split is not None and len(frame):
         frame = frame[frame["split"] == split].reset_index(drop=True)
@@ -270,13 +283,7 @@ def put_split(
             if len(rows) == rows_per_block:
                 put()
 
-    rejects = _Rejects(Path(rejects_path) if rejects_path else None)
-    try:
-        result = _scan(path, taxonomy or load_taxonomy(), on_good=keep, on_bad=rejects)
-    finally:
-        rejects.close()
-    if result.problems and not skip_bad_rows:
-        _refuse(result, path)
+    _scan_valid(path, taxonomy, keep, skip_bad_rows, rejects_path)
     if rows:
         put()
     return blocks, ids

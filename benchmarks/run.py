@@ -26,7 +26,7 @@ from harness.bench import load_tasks, load_taxonomy
 from harness.bench.synth import write_sample
 from harness.config import build
 from harness.evaluate import EvalConfig, evaluate
-from harness.files import write_atomic
+from harness.files import write_text
 from harness.model import ModelSettings, add_behavior_tokens, load_model, load_tokenizer, make_tiny
 from harness.prompts import encode_example, target_text
 from harness.scoring import label_scores
@@ -129,7 +129,7 @@ def into_readme(readme: Path, text: str) -> None:
     begin, end = README_BLOCK
     before, rest = readme.read_text().split(begin, 1)
     after = rest.split(end, 1)[1]
-    write_atomic(readme, lambda tmp: tmp.write_text(f"{before}{begin}\n{text}\n{end}{after}"))
+    write_text(readme, f"{before}{begin}\n{text}\n{end}{after}")
 
 
 def provenance(seconds: float) -> str:
@@ -244,7 +244,7 @@ def main() -> None:
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
     ]
     text = "\n".join(lines)
-    write_atomic(Path(args.out), lambda tmp: tmp.write_text(text + "\n"))
+    write_text(Path(args.out), text + "\n")
     if args.readme:
         into_readme(Path(args.readme), text)
     print(text)

@@ -158,8 +158,9 @@ def main() -> None:
     ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    # First, in a driver that has run nothing else, as `harness eval` runs: run after the benchmarks below, the
-    # harness's times there were 1.3x to 1.6x longer (2026-11-27; not explained yet).
+    # First, in a driver that has run nothing else, as `harness eval` runs. (Run last, its harness times were 1.3x
+    # to 1.6x a standalone run's; the uncompiled bench extra, since compiled by the Makefile, explains at least most
+    # of that: see README, "Why `make bench` used to miss them".)
     compared = lm_eval_compare.section(work / "lm-eval", smollm2=args.smollm2)
     data = write_sample(work / "data", tasks=3000, seed=0)
     tiny = make_tiny(data, work / "tiny")

@@ -1,13 +1,15 @@
-"""Model primitives of behavior selection: label log-probabilities, greedy answers, and the answer rule."""
+"""Model primitives of behavior selection: label log-probabilities, greedy answers, and the answer rule.
+
+torch is imported where a model runs: an evaluation's driver imports this module but runs no model.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # The documented rule for agents without behavior tokens: an answer is proactive when it opens by
@@ -28,6 +30,8 @@ def classify_answer(text: str) -> str:
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask and position_ids for a left-padded batch."""
+    import torch
+
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -42,7 +46,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
 def label_scores(
     model: PreTrainedModel, prompts: list[list[int]], label_ids: list[list[int]], pad_id: int
 ) -> torch.Tensor:
@@ -51,38 +54,43 @@ def label_scores(
     Single-token labels (special behavior tokens, option letters) take one forward pass that computes the
     LM head at the first answer position only. Multi-token labels (plain-text tags) take one pass per label.
     """
-    device = _device(model)
-    if all(len(ids) == 1 for ids in label_ids):
-        ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
-        return logits.float().log_softmax(-1)[:, [ids[0] for ids in label_ids]].cpu()
-    columns = []
-    for label in label_ids:
-        ids, mask, positions = (t.to(device) for t in left_pad([p + label for p in prompts], pad_id))
-        logprobs = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().log_softmax(-1)
-        n = len(label)
-        target = torch.tensor(label, device=device)
-        picked = logprobs[:, -n - 1 : -1, :].gather(-1, target.expand(len(prompts), n).unsqueeze(-1))
-        columns.append(picked.squeeze(-1).sum(-1).cpu())
-    return torch.stack(columns, dim=1)
+    import torch
+
+    with torch.no_grad():
+        device = _device(model)
+        if all(len(ids) == 1 for ids in label_ids):
+            ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            return out.logits[:, -1, :].float().log_softmax(-1)[:, [ids[0] for ids in label_ids]].cpu()
+        columns = []
+        for label in label_ids:
+            ids, mask, positions = (t.to(device) for t in left_pad([p + label for p in prompts], pad_id))
+            logprobs = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().log_softmax(-1)
+            n = len(label)
+            target = torch.tensor(label, device=device)
+            picked = logprobs[:, -n - 1 : -1, :].gather(-1, target.expand(len(prompts), n).unsqueeze(-1))
+            columns.append(picked.squeeze(-1).sum(-1).cpu())
+        return torch.stack(columns, dim=1)
 
 
-@torch.no_grad()
 def generate_answers(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], max_new_tokens: int
 ) -> list[str]:
     """Greedy answers (special tokens kept, so a behavior token stays visible)."""
-    ids, mask, _ = (t.to(_device(model)) for t in left_pad(prompts, tokenizer.pad_token_id))
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=False)
-    return [_strip_specials(t, tokenizer) for t in texts]
+    import torch
+
+    with torch.no_grad():
+        ids, mask, _ = (t.to(_device(model)) for t in left_pad(prompts, tokenizer.pad_token_id))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=False)
+        return [_strip_specials(t, tokenizer) for t in texts]
 
 
 def _strip_specials(text: str, tokenizer: PreTrainedTokenizerBase) -> str:

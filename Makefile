@@ -37,16 +37,18 @@ browser:
 demo: setup
 	$(BIN)/harness demo
 
-# The paper's comparison on SmolLM2-135M-Instruct (imported from its PyPI package): see the README.
+# The paper's comparison on SmolLM2-135M-Instruct (imported from its PyPI package): see docs/training.md.
 demo-smollm2: setup
 	$(BIN)/harness demo --profile smollm2
 
 test: setup browser
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=10
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # lm-evaluation-harness (the bench extra) runs beside the harness; SmolLM2 is imported from its PyPI package.
 bench: setup

@@ -1,6 +1,6 @@
 """Ray job entrypoint of `harness eval`: `ray job submit --working-dir . -- python jobs/evaluate.py [--root DIR] ARGS`.
 
-Relative paths of the config resolve against `--root` (see `harness.store`), not against the job's copy of the code.
+Relative paths of the config resolve against `--root` (see `harness.core.storage`), not against the job's copy of the code.
 """
 
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working dir
 
-from harness.store import job_main
+from harness.cli.jobs import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("eval", sys.argv[1:]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench.synth import write_sample
+from harness.data.mini import write_sample
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 BAD_DIR = Path(__file__).parent / "data" / "bad"
@@ -62,7 +62,7 @@ def no_suite_ray():
 @pytest.fixture(scope="session")
 def tiny_model(sample, tmp_path_factory) -> Path:
     """The tiny Qwen2 with a tokenizer trained on the sample, saved like any Hugging Face model."""
-    from harness.model import make_tiny
+    from harness.agents.making import make_tiny
 
     return make_tiny(sample, tmp_path_factory.mktemp("models") / "tiny-qwen2")
 

@@ -1,6 +1,8 @@
 """Which agents share an evaluation actor, and what that actor asks Ray for (without Ray)."""
 
-from harness.evaluate import AgentSpec, ResolvedAgent, actor_demand, actor_groups
+from harness.evaluate.config import AgentSpec
+from harness.evaluate.hf import actor_demand, actor_groups
+from harness.evaluate.runs import ResolvedAgent
 
 LAPTOP = [{"CPU": 2.0, "memory": 1e10}]
 

@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import config
-from harness.bench import load_dataset, load_tasks, load_taxonomy, validate
-from harness.bench.synth import write_sample
-from harness.cli import run
-from harness.errors import ConfigError, DataError
-from harness.files import write_atomic, write_text
-from harness.model import write_model_dir
-from harness.sweep import SWEEP_CONFIG_FILE, SweepConfig
-from harness.train import TrainConfig
+from harness.agents.making import write_model_dir
+from harness.cli.main import run
+from harness.core import config
+from harness.core.errors import ConfigError, DataError
+from harness.core.files import write_atomic, write_text
+from harness.data.io import load_dataset, load_tasks, validate
+from harness.data.mini import write_sample
+from harness.data.taxonomy import load_taxonomy
+from harness.train.config import TrainConfig
+from harness.train.sweep import SweepConfig
 
 from .conftest import BAD_DIR
 
@@ -176,7 +177,9 @@ def test_numbers_still_parse_and_none_stays_none():
 
 def test_cli_keeps_a_numeric_run_name_a_string(tmp_path: Path):
     # Before the fix `run_name=2024` failed first ("expected str, got 2024"); now the next check speaks.
-    _one_error_line(_harness(tmp_path, "train", "run_name=2024", "epochs=0"), "config: epochs: must be at least 1")
+    _one_error_line(
+        _harness(tmp_path, "train", "run_name=2024", "epochs=0"), "config: epochs: must be at least 1, got 0"
+    )
     run = _harness(tmp_path, "train", "run_name=a: b: c")
     _one_error_line(
         run,
@@ -243,7 +246,7 @@ def test_cli_refuses_a_bad_search_space_and_a_bad_sweep_name_before_anything_is_
 def test_a_sweep_started_with_another_config_is_refused_naming_the_keys(tmp_path: Path):
     where = [f"runs_dir={tmp_path / 'runs'}", "name=s", f"train.data={tmp_path / 'd.jsonl'}"]
     started = config.load(SweepConfig, None, where)
-    saved = started.directory.child(SWEEP_CONFIG_FILE)
+    saved = started.files.config
     Path(saved.path).parent.mkdir(parents=True)
     saved.write_text(yaml.safe_dump(config.to_dict(started)))
     (tmp_path / "cwd").mkdir()
@@ -265,7 +268,7 @@ CRASHING_CLI = """
 import sys
 import time
 
-from harness.cli import app, run
+from harness.cli.main import app, run
 
 
 @app.command("boom")
@@ -355,8 +358,8 @@ import ray.train
 from ray import tune
 from ray.train.torch import TorchTrainer
 
-from harness.cli import app, run
-from harness.errors import DataError
+from harness.cli.main import app, run
+from harness.core.errors import DataError
 
 
 @ray.remote
@@ -463,7 +466,7 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.files import write_atomic
+from harness.core.files import write_atomic
 
 
 def write_then_die(tmp: Path) -> None:
@@ -504,7 +507,7 @@ KILLED_DOWNLOAD = """
 import os
 import signal
 
-from harness import store
+from harness.core import storage
 
 
 def download_then_die(tmp):
@@ -512,7 +515,7 @@ def download_then_die(tmp):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-store.cached_copy("models", "s3://bucket/model|1", download_then_die)
+storage.cached_copy("models", "s3://bucket/model|1", download_then_die)
 """
 
 
@@ -531,7 +534,7 @@ def test_the_next_copy_removes_the_directory_a_killed_download_left_and_keeps_a_
             [
                 sys.executable,
                 "-c",
-                "from harness import store; print(store.cached_copy('models', "
+                "from harness.core import storage; print(storage.cached_copy('models', "
                 "'s3://bucket/model|1', lambda tmp: (tmp / 'weights').write_text('whole')))",
             ],
             env=env,
@@ -603,7 +606,7 @@ def test_exports_and_generated_data_replace_only_their_own_kind_of_file(tmp_path
 
 
 def test_the_demo_refuses_data_under_artifacts_that_it_did_not_generate(tmp_path: Path, monkeypatch, capsys):
-    from harness.cli import console
+    from harness.cli.main import console
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HARNESS_MODELS_DIR", str(tmp_path / "art" / "models"))  # what the demo would set for good
@@ -621,17 +624,19 @@ def test_the_demo_refuses_data_under_artifacts_that_it_did_not_generate(tmp_path
 
 
 def test_a_finished_sweep_is_reused_only_with_the_config_it_saved(tmp_path: Path):
-    from harness.sweep import finished_best
+    from harness.train.sweep import finished_best
 
     where = [f"runs_dir={tmp_path / 'runs'}", "name=s", f"train.data={tmp_path / 'd.jsonl'}"]
     started = config.load(SweepConfig, None, where)
     assert finished_best(started) is None
-    best = started.directory.child("best.json")
+    best = started.files.best
     Path(best.path).parent.mkdir(parents=True)
     best.write_text('{"trial_id": "t1"}\n')
-    with pytest.raises(ConfigError, match=rf"^sweep s: {best} has no {SWEEP_CONFIG_FILE} beside it to check; remove"):
+    with pytest.raises(
+        ConfigError, match=rf"^sweep s: {best} has no {started.files.config} to check it against; remove"
+    ):
         finished_best(started)
-    started.directory.child(SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(started)))
+    started.files.config.write_text(yaml.safe_dump(config.to_dict(started)))
     assert finished_best(started) == {"trial_id": "t1"}
     with pytest.raises(ConfigError, match=r"was made with another config \(num_samples differ\)"):
         finished_best(config.load(SweepConfig, None, [*where, "num_samples=3"]))
@@ -652,7 +657,7 @@ def test_usage_errors_are_one_line_with_exit_2(tmp_path: Path, capsys):
 
 
 def test_a_directory_copy_replaces_the_old_one_and_removes_what_a_killed_copy_left(tmp_path: Path):
-    from harness.store import location
+    from harness.core.storage import location
 
     target = tmp_path / "run" / "final"
     (target / "old").mkdir(parents=True)

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import config
-from harness.errors import ConfigError
-from harness.train import TrainConfig
+from harness.core import config
+from harness.core.errors import ConfigError
+from harness.train.config import TrainConfig
 
 
 def test_yaml_and_overrides(tmp_path: Path):
@@ -56,8 +56,8 @@ def test_config_errors_are_one_line(tmp_path: Path):
 
 
 def test_demo_gpu_settings_build_and_a_cluster_without_gpu_is_refused(ray_local):
-    from harness.evaluate import EvalConfig
-    from harness.pipeline import CONFIGS, PROFILES, PipelineConfig, require_gpu, sharing_one_gpu, step_config
+    from harness.cli.demo import CONFIGS, PROFILES, PipelineConfig, require_gpu, sharing_one_gpu, step_config
+    from harness.evaluate.config import EvalConfig
 
     gpu_profiles = [profile for profile in PROFILES.values() if profile.gpu_train is not None]
     assert gpu_profiles
@@ -73,3 +73,24 @@ def test_demo_gpu_settings_build_and_a_cluster_without_gpu_is_refused(ray_local)
         PipelineConfig(gpu=True)
     with pytest.raises(ConfigError, match=r"^gpu: the Ray cluster has 2 CPU, 0 GPU; a GPU training worker needs 4 CPU"):
         require_gpu()  # the suite's Ray has CPUs only: training would wait for a GPU forever
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "harness" / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_shipped_config_opens_with_the_command_that_runs_it_and_loads(path: Path):
+    from harness.evaluate.config import EvalConfig
+    from harness.train.sweep import SweepConfig
+
+    command = path.read_text().splitlines()[0]
+    relative = path.relative_to(REPO)  # run from the repository root, as the README says
+    kinds = {"train": TrainConfig, "sweep": SweepConfig, "eval": EvalConfig}
+    verb = command.removeprefix("# harness ").split()[0]
+    assert command == f"# harness {verb} -c {relative.as_posix()}" and verb in kinds
+    config.load(kinds[verb], path)  # what the command reads first
+
+
+def test_the_configs_are_one_directory():
+    assert len(SHIPPED) == 5 and not (REPO / "jobs" / "configs").exists()

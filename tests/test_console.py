@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import store
-from harness.train import watched
+from harness.core import storage
+from harness.train.driver import watched
 
 SCRIPT = """
 import os, subprocess, sys
 from rich.console import Console
-from harness.console import captured_output
+from harness.cli.console import captured_output
 
 console = Console(width=120)
 with captured_output(console, "unit", verbose={verbose}) as log:
@@ -43,16 +43,15 @@ def test_library_output_goes_to_the_log_and_harness_lines_to_the_terminal(tmp_pa
     assert "harness progress" not in logged
 
 
-def test_progress_bars_show_training_steps_with_the_latest_metrics_and_evaluated_tasks(monkeypatch):
+def test_progress_bars_show_training_steps_with_the_latest_metrics_and_evaluated_tasks():
     from io import StringIO
 
     from rich.console import Console
 
-    from harness import cli
+    from harness.cli.console import progress_bars
 
     out = StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=150, force_terminal=False))
-    with cli.progress_bars() as bars:
+    with progress_bars(Console(file=out, width=150, force_terminal=False)) as bars:
         bars.training("behaviorsft-tiny", 4, 12, {"loss": 2.5, "dev_macro_f1": 0.41, "tokens_per_s": 900.0})
         bars.training("behaviorsft-tiny", 12, 12, {"loss": 1.25, "dev_loss": 1.5, "dev_macro_f1": 0.625})
         bars.evaluation("zero-shot", 16, 40)
@@ -64,7 +63,7 @@ def test_progress_bars_show_training_steps_with_the_latest_metrics_and_evaluated
 
 
 def test_progress_watching_reports_each_runs_latest_and_never_stops_the_work(tmp_path):
-    good, torn, gone = (store.location(str(tmp_path / name), "progress") for name in ("a", "b", "c"))
+    good, torn, gone = (storage.location(str(tmp_path / name), "progress") for name in ("a", "b", "c"))
     good.write_text(json.dumps({"step": 3, "total": 4, "metrics": {"loss": 0.5}}))
     torn.write_text('{"step": 1, "tot')  # unreadable: skipped, the others still reported
     seen: list[tuple] = []

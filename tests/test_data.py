@@ -6,10 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.bench import fingerprint, load_dataset, load_tasks, validate
-from harness.bench.io import put_split
-from harness.bench.synth import generate, write_sample
-from harness.errors import DataError
+from harness.core.errors import DataError
+from harness.data.io import fingerprint, load_dataset, load_tasks, put_split, validate
+from harness.data.mini import generate, write_sample
 
 from .conftest import BAD_DIR
 

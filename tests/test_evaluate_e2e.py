@@ -14,14 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from harness import config, leaderboard
-from harness.bench import load_taxonomy
-from harness.errors import HarnessError
-from harness.evaluate import EvalConfig, evaluate
-from harness.model import add_behavior_tokens, load_tokenizer
-from harness.predictions import PREDICTION_SCHEMA
-from harness.selection import chat_template_sha256
-from harness.tokens import TokenDesign
+from harness.agents.loading import load_tokenizer
+from harness.agents.making import add_behavior_tokens
+from harness.agents.selection import chat_template_sha256
+from harness.agents.tokens import TokenDesign
+from harness.core import config
+from harness.core.errors import HarnessError
+from harness.data.taxonomy import load_taxonomy
+from harness.evaluate.config import EvalConfig
+from harness.evaluate.driver import evaluate
+from harness.results import leaderboard
+from harness.results.predictions import SCHEMA
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +66,9 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     for path in finals:
         predictions = pd.read_parquet(path)
         schema = pq.read_schema(path)
-        assert schema.names == list(PREDICTION_SCHEMA)
-        types = {"string": ("string", "large_string"), "bool": ("bool",), "float64": ("double",), "int64": ("int64",)}
-        for name, kind in PREDICTION_SCHEMA.items():
-            assert str(schema.field(name).type) in types[kind], (name, schema.field(name).type)
+        assert schema.names == SCHEMA.names
+        for field in SCHEMA:
+            assert schema.field(field.name).type == field.type, (field.name, schema.field(field.name).type)
         assert set(predictions.task_id) == test_ids and predictions.task_id.is_unique
         assert set(predictions.pred_behavior) <= {"reactive", "proactive"}
     bsft = pd.read_parquet(next(p for p in finals if p.name.startswith("bsft")))
@@ -121,7 +123,7 @@ def test_killed_evaluation_resumes_without_duplicates(sample, tiny_model, behavi
         predictions = pd.read_parquet(final)
         assert predictions.task_id.is_unique and set(predictions.task_id) == test_ids
     board = leaderboard.read(values["leaderboard"])
-    assert board.groupby(["agent", "subset", "slice", "metric"]).size().max() == 1
+    assert board.groupby(["agent", "subset", "slice_kind", "slice_value", "metric"]).size().max() == 1
     assert "bsft" in second.stdout and "zero-shot" in second.stdout
 
 

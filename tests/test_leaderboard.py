@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import leaderboard
-from harness.errors import ConfigError
-from harness.metrics import score, score_agents
+from harness.core.errors import ConfigError
+from harness.results import leaderboard
+from harness.results.metrics import score, score_agents
+from tests.test_metrics import named
 
 
 def _predictions(accuracy: float, seed: int = 0, n: int = 200) -> pd.DataFrame:
@@ -53,7 +54,7 @@ def test_append_replaces_a_rerun_instead_of_duplicating(tmp_path: Path):
     assert list(ranking.agent) == ["a", "b"] and list(ranking["rank"]) == [1, 2]
     assert list(ranking.columns) == leaderboard.TABLE_COLUMNS
     assert ranking.loc[0, "overall"] > ranking.loc[1, "overall"]
-    a = table[(table.agent == "a") & (table.subset == "all")].set_index(["slice", "metric"]).value
+    a = named(table[(table.agent == "a") & (table.subset == "all")]).set_index(["slice", "metric"]).value
     assert ranking.loc[0, "proactive"] == a["type:proactive", "intervened_when_should"]
     assert ranking.loc[0, "restraint"] == a["type:restraint", "stayed_on_task"]
     assert ranking.loc[0, "over_intervention"] == a["overall", "over_intervention_rate"]
@@ -112,13 +113,13 @@ def test_ranking_ties_agents_not_significantly_apart():
     }
     scored = score_agents(predictions, samples=200)
     frame = pd.concat([_metadata(rows, agent, f"run-{agent}") for agent, rows in scored.items()])
-    best = scored["best"].set_index(["slice", "metric"])
+    best = named(scored["best"]).set_index(["slice", "metric"])
     close = best.loc[("vs:close", "macro_f1_diff")]
     assert close.ci_low < 0 < close.ci_high and best.loc[("vs:worst", "macro_f1_diff")].ci_low > 0
     ranking = leaderboard.ranking(frame)
     assert list(ranking.agent) == ["best", "close", "worst"] or list(ranking.agent) == ["close", "best", "worst"]
     assert list(ranking["rank"]) == [1, 1, 3]
-    plain = leaderboard.ranking(frame[~frame.slice.str.startswith("vs:")])
+    plain = leaderboard.ranking(frame[frame.slice_kind != "versus"])
     assert list(plain["rank"]) == [1, 2, 3]
     assert "| 1 | best |" in leaderboard.render(ranking, "md") and "| 1 | close |" in leaderboard.render(ranking, "md")
 
@@ -128,10 +129,10 @@ def test_read_refuses_what_is_not_a_leaderboard_and_a_missing_one_is_empty(tmp_p
     _predictions(0.9).to_parquet(predictions)
     with pytest.raises(ConfigError) as error:
         leaderboard.read(predictions)
-    missing = "run_id, agent, model, mode, design, dataset, split, subset, slice, metric, value, stderr, ci_low, "
+    missing = "run_id, agent, model, mode, design, dataset, split, subset, slice_kind, slice_value, metric, value, "
     assert str(error.value) == (
-        f"{predictions}: not a leaderboard (a predictions file? missing columns {missing}ci_high, n, code_version, "
-        "timestamp)"
+        f"{predictions}: not a leaderboard (a predictions file? missing columns {missing}stderr, ci_low, ci_high, n, "
+        "code_version, timestamp)"
     )
     assert leaderboard.read(tmp_path / "missing.parquet").empty
 

@@ -10,7 +10,8 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from harness.metrics import case_bootstrap, macro_f1, paired, score
+from harness.results import metrics
+from harness.results.metrics import case_bootstrap, macro_f1, paired, score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,14 @@ def _frame(gold, pred, task_type=None, category=None, case_id=None, hard=None) -
     return frame
 
 
+def named(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with each row's slice spelled as one name (`type:reactive`, `vs:b`), for readable lookups."""
+    names = [metrics.slice_name(k, v) for k, v in zip(table.slice_kind, table.slice_value, strict=True)]
+    return table.assign(slice=names)
+
+
 def _value(table: pd.DataFrame, slice_name: str, metric: str, subset: str = "all") -> pd.Series:
+    table = named(table)
     match = table[(table.subset == subset) & (table.slice == slice_name) & (table.metric == metric)]
     assert len(match) == 1, (subset, slice_name, metric)
     return match.iloc[0]
@@ -98,8 +106,8 @@ def test_score_names_single_gold_slices_for_what_they_measure():
         row = _value(table, slice_name, metric)
         assert row.value == pytest.approx(right[rows].mean()) and row.n == rows.sum()
         assert row.ci_low <= row.value <= row.ci_high
-        assert set(table[(table.subset == "all") & (table.slice == slice_name)].metric) == {metric}
-    mixed = table[(table.subset == "all") & (table.slice == "category:mixed")]
+        assert set(named(table)[(table.subset == "all") & (named(table).slice == slice_name)].metric) == {metric}
+    mixed = table[(table.subset == "all") & (named(table).slice == "category:mixed")]
     assert set(mixed.metric) == {"macro_f1", "accuracy"}
     single = _frame(["a"] * 4, ["a", "a", "b", "a"], task_type=["x"] * 4)
     assert _value(score(single, samples=0), "type:x", "accuracy").value == 0.75
@@ -181,7 +189,7 @@ def _agents(n=400, seed=0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
 def test_paired_comparisons():
     strong, twin, weak = _agents()
-    table = paired({"strong": strong, "twin": twin, "weak": weak}, samples=300)
+    table = named(paired({"strong": strong, "twin": twin, "weak": weak}, samples=300))
     row = lambda agent, other, metric: table[  # noqa: E731
         (table.agent == agent) & (table.slice == f"vs:{other}") & (table.metric == metric)
     ].iloc[0]

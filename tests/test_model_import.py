@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import config as configs
-from harness.cli import run
-from harness.errors import ConfigError
-from harness.model import ModelSettings, local_or_hub, parameter_count, write_model_dir
-from harness.train import TrainConfig
+from harness.agents.making import parameter_count, write_model_dir
+from harness.agents.references import local_or_hub
+from harness.cli.main import run
+from harness.core import config as configs
+from harness.core.errors import ConfigError
+from harness.train.config import ModelSettings, TrainConfig
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

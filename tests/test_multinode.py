@@ -33,17 +33,20 @@ import pytest
 import torch
 import yaml
 
-from harness import config, leaderboard, store
-from harness.bench import fingerprint, load_tasks, load_taxonomy, validate
-from harness.errors import DataError
-from harness.model import ModelSettings, load_model, load_tokenizer, local_copy
-from harness.pipeline import CONFIGS, step_config, training_values
-from harness.predictions import PREDICTION_SCHEMA, PredictionStore
-from harness.selection import Mode
-from harness.sweep import SweepConfig
-from harness.tokens import TokenDesign
-from harness.train import TrainConfig
-from harness.train_config import CONFIG_FILE
+from harness.agents.loading import load_model, load_tokenizer
+from harness.agents.references import loadable, local_copy
+from harness.agents.selection import Mode
+from harness.agents.tokens import TokenDesign
+from harness.cli.demo import CONFIGS, step_config, training_values
+from harness.core import config, storage
+from harness.core.errors import DataError
+from harness.data.io import fingerprint, load_tasks, validate
+from harness.data.taxonomy import load_taxonomy
+from harness.results import leaderboard
+from harness.results.predictions import COLUMNS, PredictionStore
+from harness.train.config import TrainConfig
+from harness.train.layout import CONFIG_NAME
+from harness.train.sweep import SweepConfig
 from tests.ray_nodes import free_port, stop_ray_node, suite_build_cache
 from tests.test_leaderboard import _rows
 from tests.test_sweep import sweep_values
@@ -146,26 +149,26 @@ def test_a_model_in_the_bucket_is_downloaded_once_per_node_and_again_when_it_cha
     bucket_client, tmp_path, tiny_model
 ):
     uri = f"s3://{BUCKET}/models/tiny"
-    store.location(uri, "model").put_dir(tiny_model)
-    assert store.model_path(uri, tmp_path / "runs") == uri  # a URI stays a URI: never a hub id, never `./s3:`
+    storage.location(uri, "model").put_dir(tiny_model)
+    assert loadable(uri, "model") == uri  # a URI stays a URI: never a hub id, never `./s3:`
     first = Path(local_copy(uri))
     assert first.parent == tmp_path / "cache" / "models"
     assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in tiny_model.iterdir())
     assert (first / "config.json").read_bytes() == (tiny_model / "config.json").read_bytes()
     assert local_copy(uri) == str(first)  # cached: the same objects are not fetched again
     # A changed object: a new key, fetched again. Its size changes too: object stores give times to the second.
-    store.location(uri, "model").child("config.json").write_bytes((tiny_model / "config.json").read_bytes() + b"\n")
+    storage.location(uri, "model").child("config.json").write_bytes((tiny_model / "config.json").read_bytes() + b"\n")
     assert local_copy(uri) != str(first)
     assert list(tmp_path.glob("s3*")) == []
 
 
 def test_predictions_and_leaderboard_live_in_the_bucket(bucket_client, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    out = store.location(f"s3://{BUCKET}/fast/eval", "output_dir")
+    out = storage.location(f"s3://{BUCKET}/fast/eval", "output_dir")
     assert not out.local and str(out) == f"s3://{BUCKET}/fast/eval"
     predictions = PredictionStore(out, "agent-r1")
-    rows = pd.DataFrame({column: ["x"] * 4 for column in PREDICTION_SCHEMA})
-    rows = rows.assign(task_id=["t3", "t1", "t2", "t0"], hard=False, latency_ms=1.0, prompt_tokens=5)
+    rows = pd.DataFrame({column: ["x"] * 4 for column in COLUMNS})
+    rows = rows.assign(task_id=["t3", "t1", "t2", "t0"], hard=False, latency_ms=1.0, prompt_tokens=5, scores=None)
     predictions.add(rows.iloc[:2])
     assert PredictionStore(out, "agent-r1").done_ids() == {"t3", "t1"}  # what a re-run after a kill resumes from
     predictions.add(rows.iloc[2:])
@@ -198,7 +201,7 @@ def test_predictions_and_leaderboard_live_in_the_bucket(bucket_client, monkeypat
 
 def test_task_data_in_the_bucket_is_read_validated_and_fingerprinted_as_a_local_copy(bucket_client, tmp_path, sample):
     uri = f"s3://{BUCKET}/fast/data/tasks.jsonl"
-    store.location(uri, "data").write_bytes(sample.read_bytes())
+    storage.location(uri, "data").write_bytes(sample.read_bytes())
     assert validate(uri).counts == validate(sample).counts
     assert fingerprint(uri) == fingerprint(sample)  # the content, wherever it lives
     (copy,) = (tmp_path / "cache" / "data").glob("*/tasks.jsonl")  # downloaded once, then reused
@@ -207,7 +210,7 @@ def test_task_data_in_the_bucket_is_read_validated_and_fingerprinted_as_a_local_
 
     lines = sample.read_text().splitlines()
     bad = json.loads(lines[2]) | {"task_id": ""}
-    store.location(uri, "data").write_text("\n".join([*lines[:2], json.dumps(bad), *lines[3:]]) + "\n")
+    storage.location(uri, "data").write_text("\n".join([*lines[:2], json.dumps(bad), *lines[3:]]) + "\n")
     problems = validate(uri).problems  # changed data: a new copy, and problems name the object, not the copy
     assert problems == [f"{uri}:3: task_id: expected a non-empty string, got ''"], problems
     assert len(list((tmp_path / "cache" / "data").glob("*/tasks.jsonl"))) == 2
@@ -370,7 +373,7 @@ def test_skipped_bad_rows_are_read_on_the_node_that_holds_their_clean_copy(clust
     clean = cluster.head_only / "clean"  # where the driver writes the good rows: node B cannot see it
     clean.mkdir()
     # A driver of its own: Ray Data in this process, reconnected from the suite's local Ray, can wait forever.
-    load = f"from harness.bench import load_dataset; print(load_dataset({str(bad)!r}, skip_bad_rows=True, "
+    load = f"from harness.data.io import load_dataset; print(load_dataset({str(bad)!r}, skip_bad_rows=True, "
     load += f"clean_dir={str(clean)!r}).count())"
     run = subprocess.run([sys.executable, "-c", load], env=cluster.env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.split() == [str(len(lines))], run.stderr[-3000:]
@@ -391,7 +394,7 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     from transformers import AutoModelForCausalLM
 
     runs, data = f"s3://{BUCKET}/runs", f"s3://{BUCKET}/data/tasks.jsonl"  # Ray Data reads the data there
-    store.location(data, "data").write_bytes(sample.read_bytes())
+    storage.location(data, "data").write_bytes(sample.read_bytes())
     train = [
         "--verbose",  # the workers' "[harness] resuming ..." lines reach the terminal too (the first run's)
         "train",
@@ -454,7 +457,7 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
         key.removeprefix("runs/lora/") for key in objects
     }
     assert list(tmp_path.glob("s3*")) == []  # no URI was taken for a local path
-    run = store.location(f"{runs}/lora", "storage_path")
+    run = storage.location(f"{runs}/lora", "storage_path")
     metrics = json.loads(run.child("final_metrics.json").read_text())
     assert metrics["completed"] and metrics["step"] == 2 * TRAIN_TASKS // (2 * 8)
     assert abs(metrics["dev_loss"] - UNKILLED_DEV_LOSS) < NOISE, metrics
@@ -477,7 +480,7 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     last = sorted({key.split("/")[2] for key in objects if key.split("/")[2].startswith("checkpoint_epoch")})[-1]
     adapter = Path(Checkpoint(f"{runs}/lora/{last}").to_directory(str(tmp_path / "last"))) / "model"
     tokenizer = load_tokenizer(str(adapter))
-    base = load_model(ModelSettings(str(tiny_model)))
+    base = load_model(str(tiny_model))
     TokenDesign.load(adapter).apply(tokenizer, base, load_taxonomy())
     reloaded = PeftModel.from_pretrained(base, adapter).eval()
     merged = AutoModelForCausalLM.from_pretrained(local_copy(f"{runs}/lora/final")).eval()
@@ -498,7 +501,7 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     changed = _cli(*train[1:], "learning_rate=0.01", "epochs=3", env=cluster.env, cwd=tmp_path)
     assert (changed.returncode, changed.stderr) == (
         1,
-        f"error: run lora: {runs}/lora/{CONFIG_FILE} was made with another config (epochs, learning_rate differ); "
+        f"error: run lora: {runs}/lora/{CONFIG_NAME} was made with another config (epochs, learning_rate differ); "
         "choose another run_name, or restore those values to resume or reuse it\n",
     )
 
@@ -516,9 +519,9 @@ def test_training_across_both_nodes_lives_in_the_bucket_survives_kills_and_is_ev
     assert Path(final).name.startswith("lora-")
     parts = [k for k in objects if k.startswith(final.removesuffix(".parquet") + "/part-")]
     assert len(parts) == 3  # 24 tasks in parts of 8
-    assert len(store.location(f"s3://{BUCKET}/{final}", "output_dir").read_parquet()) == 24
+    assert len(storage.location(f"s3://{BUCKET}/{final}", "output_dir").read_parquet()) == 24
     board = leaderboard.read(f"s3://{BUCKET}/multinode/results/leaderboard.parquet")
-    macro_f1 = board[(board.subset == "all") & (board.slice == "overall") & (board.metric == "macro_f1")]
+    macro_f1 = board[(board.subset == "all") & (board.slice_kind == "overall") & (board.metric == "macro_f1")]
     assert list(macro_f1.agent) == ["lora"] and list(macro_f1.n) == [24]
     # The agent run's record and tracking state are objects beside its predictions; its tracking run (in the
     # local store the config names) points at the predictions in the bucket.
@@ -535,21 +538,21 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
 ):
     """`harness sweep` on the cluster, its `runs_dir` in the bucket (Tune's experiment, the trials, the table and
     the best trial): two trials at once, each with one worker of one CPU, one on each node. Each trial's data
-    preparation has its own small share of CPU (`harness.bench.io.PREP_CPUS`), so neither waits for the other's
+    preparation has its own small share of CPU (`harness.data.io.PREP_CPUS`), so neither waits for the other's
     worker."""
     values = sweep_values(sample, tiny_model, tmp_path) | {"runs_dir": f"s3://{BUCKET}/swept"}
     sweep_config = tmp_path / "sweep.yaml"
     sweep_config.write_text(yaml.safe_dump(values))
-    directory = config.build(SweepConfig, values).directory
+    files = config.build(SweepConfig, values).files
     before = {a.actor_id for a in _actors(cluster, "RayTrainWorker")}
     run = _cli("sweep", "--config", str(sweep_config), env=cluster.env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    stored = directory.child("trials.parquet").read_parquet()
+    stored = files.trials.read_parquet()
     assert len(stored) == 2 and set(stored.status) == {"finished"}
     assert sorted(stored["design.spelling"]) == ["special", "text"]
     assert stored.warmup_ratio.between(0.1, 0.3).all() and stored.warmup_ratio.nunique() == 2
     for _, trial in stored.iterrows():  # each trial trained with what the table says it searched
-        trained = yaml.safe_load(store.location(trial.final_model, "model").sibling(CONFIG_FILE).read_text())
+        trained = yaml.safe_load(storage.location(trial.final_model, "model").sibling(CONFIG_NAME).read_text())
         searched = (trial["design.spelling"], trial.warmup_ratio)
         assert (trained["design"]["spelling"], trained["warmup_ratio"]) == searched
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
@@ -562,10 +565,10 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
     # once in a fresh-clone run: the second trial's encoder waited until the first trial ended).
     workers = [a for a in _actors(cluster, "RayTrainWorker") if a.actor_id not in before]
     assert len(workers) == 2 and len({a.node_id for a in workers}) == 2
-    runs = {trial: directory.child("trials").child(trial) for trial in stored.trial_id}
-    began = {trial: run.child(CONFIG_FILE).mtime_ns() for trial, run in runs.items()}
+    runs = {trial: files.trial(trial) for trial in stored.trial_id}
+    began = {trial: run.config.mtime_ns() for trial, run in runs.items()}
     first, second = sorted(began, key=began.get)
-    assert began[second] < runs[first].child("final_metrics.json").mtime_ns()
+    assert began[second] < runs[first].final_metrics.mtime_ns()
     tracked = tmp_path / "mlruns"  # trials in a bucket: MLflow's file store stays at the (local) root
     names = {path.read_text() for path in tracked.glob("*/*/tags/mlflow.runName")}
     assert names == set(stored.trial_id) and list(tmp_path.glob("s3*")) == [] and not (tmp_path / "runs").exists()
@@ -574,10 +577,10 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
 
     again = _cli("sweep", "--config", str(sweep_config), env=cluster.env, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert sorted(directory.child("trials.parquet").read_parquet().trial_id) == sorted(stored.trial_id)
+    assert sorted(files.trials.read_parquet().trial_id) == sorted(stored.trial_id)
     assert len(_actors(cluster, "RayTrainWorker")) == len(before) + 2  # restored, not trained again
 
-    best = json.loads(directory.child("best.json").read_text())
+    best = json.loads(files.best.read_text())
     assert best["searched"] == {"design.spelling": stored["design.spelling"][0], "warmup_ratio": stored.warmup_ratio[0]}
     for mode in (Mode.BEHAVIORSFT, Mode.SFT):  # what the main job trains after the sweep
         follow = step_config(TrainConfig, CONFIGS / "behaviorsft.yaml", training_values(mode, "after", best))

@@ -1,11 +1,12 @@
 import pytest
 
-from harness.bench import load_taxonomy
-from harness.model import load_tokenizer
-from harness.prompts import INSTRUCTIONS, choice_question, conversation, encode_example, target_text
-from harness.selection import Mode, Strategy, agent_prompt
-from harness.tokens import TokenDesign
-from harness.train import pad_batch
+from harness.agents.encoding import encode_example
+from harness.agents.loading import load_tokenizer
+from harness.agents.prompts import INSTRUCTIONS, choice_question, conversation, target, target_text
+from harness.agents.selection import Mode, Strategy, agent_prompt
+from harness.agents.tokens import TokenDesign
+from harness.data.taxonomy import load_taxonomy
+from harness.train.data import pad_batch
 
 MESSAGES = [
     {"role": "system", "content": "You are a clinical assistant."},
@@ -27,22 +28,22 @@ def test_prompt_masking_and_targets(tiny_model):
     design = TokenDesign()
     design.add_to_tokenizer(tokenizer, taxonomy)
     row = {"category": "risk_identification", "gold_behavior": "proactive", "reference": "Caution: allergy."}
-    target = target_text(row, design, taxonomy)
-    assert target == "<behavior:proactive> Caution: allergy."
+    assert target_text(row, design, taxonomy) == "<behavior:proactive> Caution: allergy."
     assert target_text(row, None, taxonomy) == "Caution: allergy."
+    answer = target(tokenizer, row, design, taxonomy)
     prompt = agent_prompt(tokenizer, MESSAGES, Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy)
-    assert prompt.endswith("<|im_start|>assistant\n")
-    example = encode_example(tokenizer, prompt, target, max_length=512)
-    prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert prompt.text.endswith("<|im_start|>assistant\n")
+    example = encode_example(tokenizer, prompt, answer, max_length=512)
+    prompt_len = len(tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
     assert example["labels"][:prompt_len] == [-100] * prompt_len
     learned = example["labels"][prompt_len:]
     assert learned == example["input_ids"][prompt_len:]
     assert learned[0] == tokenizer.convert_tokens_to_ids("<behavior:proactive>")
     assert learned[-1] == tokenizer.eos_token_id
-    short = encode_example(tokenizer, prompt, target, max_length=40)
+    short = encode_example(tokenizer, prompt, answer, max_length=40)
     assert len(short["input_ids"]) == 40 and short["labels"][-len(learned) :] == learned
     instructed = agent_prompt(tokenizer, MESSAGES, Mode.INSTRUCTED, Strategy.GENERATE, None, taxonomy)
-    assert INSTRUCTIONS in instructed and "Reply with the letter" not in instructed
+    assert INSTRUCTIONS in instructed.text and "Reply with the letter" not in instructed.text
 
 
 def test_choice_prompt_asks_last_with_one_lettered_option_per_behavior(tiny_model):
@@ -52,9 +53,9 @@ def test_choice_prompt_asks_last_with_one_lettered_option_per_behavior(tiny_mode
     assert letters == {"reactive": "A", "proactive": "B"}
     assert "(A) Answer what was asked" in question and "(B) Intervene unprompted" in question
     prompt = agent_prompt(tokenizer, MESSAGES, Mode.ZERO_SHOT, Strategy.CHOICE, None, taxonomy)
-    assert prompt.endswith(question + "<|im_end|>\n<|im_start|>assistant\n")
-    assert "amoxicillin" in prompt and INSTRUCTIONS not in prompt
-    instructed = agent_prompt(tokenizer, MESSAGES, Mode.INSTRUCTED, Strategy.CHOICE, None, taxonomy)
+    assert prompt.text.endswith(question + "<|im_end|>\n<|im_start|>assistant\n")
+    assert "amoxicillin" in prompt.text and INSTRUCTIONS not in prompt.text
+    instructed = agent_prompt(tokenizer, MESSAGES, Mode.INSTRUCTED, Strategy.CHOICE, None, taxonomy).text
     assert INSTRUCTIONS in instructed and instructed.endswith(question + "<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -68,10 +69,10 @@ def test_pad_batch_pads_right_and_masks_padding_out_of_the_loss():
 def test_weighted_loss_is_the_models_loss_at_weight_one_and_weighs_the_first_answer_token(tiny_model):
     import torch
 
-    from harness.model import ModelSettings, load_model
-    from harness.train import weighted_loss
+    from harness.agents.loading import load_model
+    from harness.train.recipe import weighted_loss
 
-    model = load_model(ModelSettings(str(tiny_model))).eval()
+    model = load_model(str(tiny_model)).eval()
     batch = pad_batch(
         [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]}, {"input_ids": [4, 3], "labels": [-100, 3]}],
         pad_id=0,

@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import config
-from harness.bench.synth import write_sample
-from harness.bench.taxonomy import load_taxonomy
-from harness.model import add_behavior_tokens
-from harness.pipeline import CONFIGS, step_config
-from harness.sweep import SWEEP_CONFIG_FILE, SweepConfig
-from harness.tokens import TokenDesign
+from harness.agents.making import add_behavior_tokens
+from harness.agents.tokens import TokenDesign
+from harness.cli.demo import CONFIGS, step_config
+from harness.core import config
+from harness.data.mini import write_sample
+from harness.data.taxonomy import load_taxonomy
+from harness.train.sweep import SweepConfig
 from tests.ray_nodes import free_port, stop_ray_node, suite_build_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def _demo_state(repo: Path, tiny_model: Path) -> None:
     # only with it.
     values = {"train.data": str(data), "train.model.name_or_path": "tiny-qwen2", "runs_dir": str(sweep.parent.parent)}
     saved = config.to_dict(step_config(SweepConfig, CONFIGS / "sweep.yaml", values))
-    (sweep / SWEEP_CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    (sweep / "sweep_config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
 
 
 @pytest.mark.slow

@@ -1,4 +1,3 @@
-import json
 import re
 import shutil
 import struct
@@ -11,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import leaderboard, report
-from harness.bench.io import fingerprint, load_tasks
-from harness.bench.synth import write_sample
-from harness.cli import run
-from harness.files import write_parquet
-from harness.metrics import score_agents
-from harness.predictions import typed
+from harness.cli.main import run
+from harness.core.files import write_parquet
+from harness.data.io import fingerprint, load_tasks
+from harness.data.mini import write_sample
+from harness.results import leaderboard, report
+from harness.results.charts import PALETTE
+from harness.results.metrics import score_agents
+from harness.results.predictions import COLUMNS, scores_column
 
 ROOT = Path(__file__).parents[1]
 AGENTS = {"behaviorsft": 0.95, "sft": 0.85, "zero-shot": 0.5}  # agent: share of tasks it gets right
@@ -30,20 +30,18 @@ def _predictions(tasks: pd.DataFrame, agent: str, accuracy: float, seed: int) ->
     other = np.where(gold == "proactive", "reactive", "proactive")
     pred = np.where(rng.random(len(tasks)) < accuracy, gold, other)
     unchosen = np.where(pred == "proactive", "reactive", "proactive")
-    return typed(
-        tasks.assign(
-            agent=agent,
-            strategy="behavior_token",
-            pred_behavior=pred,
-            pred_label=pred,
-            scores=[json.dumps({p: -0.2, o: -1.7}) for p, o in zip(pred, unchosen, strict=True)],
-            answer=f"<script>alert('{agent}')</script> Noted & done.",
-            latency_ms=12.5,
-            prompt="<|im_start|>user\n...<|im_end|>",
-            prompt_tokens=240,
-            chat_template_sha256="0" * 64,
-        )
-    )
+    return tasks.assign(
+        agent=agent,
+        strategy="behavior_token",
+        pred_behavior=pred,
+        pred_label=pred,
+        scores=[scores_column([p, o], [-0.2, -1.7]) for p, o in zip(pred, unchosen, strict=True)],
+        answer=f"<script>alert('{agent}')</script> Noted & done.",
+        latency_ms=12.5,
+        prompt="<|im_start|>user\n...<|im_end|>",
+        prompt_tokens=240,
+        chat_template_sha256="0" * 64,
+    )[list(COLUMNS)]
 
 
 def _metadata(rows: pd.DataFrame, agent: str, run_id: str, dataset: str) -> pd.DataFrame:
@@ -145,7 +143,7 @@ def test_report_renders_in_a_real_browser(evaluation, tmp_path: Path):
     assert "&lt;script&gt;alert('sft')&lt;/script&gt; Noted &amp; done." in dom and "<script" not in dom
 
     pixels = png_pixels(screenshot)
-    for colour in report.AGENT_COLOURS[: len(AGENTS)]:  # each agent's bars: far more than its legend swatch
+    for colour in PALETTE[: len(AGENTS)]:  # each agent's bars: far more than its legend swatch
         assert _mask(pixels, colour).sum() > 2000, colour
     header = _mask(pixels, report.RANKING_HEADER)
     assert header.sum() > 10_000

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import config
-from harness.errors import ConfigError
-from harness.sweep import SweepConfig, param_space
+from harness.core import config
+from harness.core.errors import ConfigError
+from harness.train.sweep import SweepConfig, param_space
 
 
 def sweep_values(sample: Path, tiny_model: Path, tmp_path: Path) -> dict:

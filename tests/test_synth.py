@@ -4,10 +4,10 @@ from datetime import datetime
 
 import pytest
 
-from harness.bench import load_taxonomy
-from harness.bench.records import TaskRecord
-from harness.bench.synth import BUILDERS, generate
-from harness.scoring import classify_answer
+from harness.agents.scoring import classify_answer
+from harness.data.mini import BUILDERS, generate
+from harness.data.records import TaskRecord
+from harness.data.taxonomy import load_taxonomy
 
 EVENT = re.compile(r"(?:^|; )([^;]+?) \((\d+ \w+), (\d\d:\d\d)\)")
 

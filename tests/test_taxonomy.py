@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench import load_taxonomy
-from harness.errors import ConfigError
+from harness.core.errors import ConfigError
+from harness.data.taxonomy import load_taxonomy
 
 
 def test_default_taxonomy_has_13_categories_across_the_spectrum():

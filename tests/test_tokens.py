@@ -3,10 +3,10 @@ import itertools
 import pytest
 import torch
 
-from harness.bench import load_taxonomy
-from harness.model import ModelSettings, load_model, load_tokenizer
-from harness.scoring import label_scores
-from harness.tokens import GRANULARITIES, INITS, PLACEMENTS, SPELLINGS, TokenDesign
+from harness.agents.loading import load_model, load_tokenizer
+from harness.agents.scoring import label_scores
+from harness.agents.tokens import GRANULARITIES, INITS, PLACEMENTS, SPELLINGS, TokenDesign
+from harness.data.taxonomy import load_taxonomy
 
 DESIGNS = [TokenDesign(*combo) for combo in itertools.product(GRANULARITIES, SPELLINGS, PLACEMENTS, INITS)]
 
@@ -19,7 +19,7 @@ def taxonomy():
 @pytest.mark.parametrize("design", DESIGNS, ids=lambda d: d.name)
 def test_design_round_trip_format_tokenize_parse(design, tiny_model, taxonomy):
     tokenizer = load_tokenizer(str(tiny_model))
-    model = load_model(ModelSettings(str(tiny_model)))
+    model = load_model(str(tiny_model))
     design.apply(tokenizer, model, taxonomy)
     ids = design.label_token_ids(tokenizer, taxonomy)
     assert len({tuple(i) for i in ids}) == len(ids), "labels must tokenize differently"
@@ -38,7 +38,7 @@ def test_design_round_trip_format_tokenize_parse(design, tiny_model, taxonomy):
 def test_apply_adds_rows_once_and_initialises_them(tiny_model, taxonomy):
     for init in INITS:
         tokenizer = load_tokenizer(str(tiny_model))
-        model = load_model(ModelSettings(str(tiny_model)))
+        model = load_model(str(tiny_model))
         old = model.get_input_embeddings().weight.detach().clone()
         design = TokenDesign(init=init)
         new = design.apply(tokenizer, model, taxonomy)
@@ -52,12 +52,12 @@ def test_apply_adds_rows_once_and_initialises_them(tiny_model, taxonomy):
             assert rows.std() > 0.5 * old.std()
         assert design.apply(tokenizer, model, taxonomy) == []  # idempotent
     text = TokenDesign(spelling="text")
-    assert text.apply(load_tokenizer(str(tiny_model)), load_model(ModelSettings(str(tiny_model))), taxonomy) == []
+    assert text.apply(load_tokenizer(str(tiny_model)), load_model(str(tiny_model)), taxonomy) == []
 
 
 def test_label_scores_single_and_multi_token_agree_with_a_direct_forward(tiny_model, taxonomy):
     tokenizer = load_tokenizer(str(tiny_model))
-    model = load_model(ModelSettings(str(tiny_model))).eval()
+    model = load_model(str(tiny_model)).eval()
     prompts = [tokenizer("Dr. Reyes: what is the potassium?")["input_ids"], tokenizer("Patient: hi")["input_ids"]]
     labels = TokenDesign(spelling="text").label_token_ids(tokenizer, taxonomy)
     scores = label_scores(model, prompts, labels, tokenizer.pad_token_id)

@@ -14,14 +14,18 @@ import pandas as pd
 import pytest
 
 import harness
-from harness import config, store
-from harness.errors import ConfigError
-from harness.evaluate import AgentSpec, EvalConfig, ResolvedAgent
-from harness.metrics import score
-from harness.run_record import code_version, peak_bf16_flops, run_record
-from harness.tracking import NoTracker, TrackingSettings, open_run, record_evaluation
-from harness.train import TrainConfig
-from harness.train_config import differing_keys
+from harness.core import config, storage
+from harness.core.config import differing_keys
+from harness.core.errors import ConfigError
+from harness.evaluate.config import AgentSpec, EvalConfig
+from harness.evaluate.driver import record_evaluation
+from harness.evaluate.runs import ResolvedAgent
+from harness.results.metrics import score
+from harness.results.predictions import PredictionStore
+from harness.results.run_record import code_version, peak_bf16_flops, run_record
+from harness.results.tracking import NoTracker, TrackingSettings, open_run
+from harness.train.config import RUNTIME_KEYS, TrainConfig
+from tests.test_metrics import named
 
 
 def _search(uri: str, experiment: str) -> pd.DataFrame:
@@ -79,7 +83,8 @@ def test_the_store_defaults_to_mlruns_beside_the_runs_root(tmp_path: Path):
     assert TrackingSettings(uri="http://mlflow:5000").resolved(tmp_path).uri == "http://mlflow:5000"
     assert TrackingSettings(uri="rel/store").resolved(tmp_path).uri == (Path.cwd() / "rel" / "store").as_uri()
     changed = config.load(TrainConfig, None, ["tracking.experiment=sweep-x", "tracking.uri=http://h:5000"])
-    assert differing_keys(config.to_dict(TrainConfig()), config.to_dict(changed)) == []  # where it is tracked only
+    unchanged = differing_keys(TrainConfig, config.to_dict(TrainConfig()), config.to_dict(changed), RUNTIME_KEYS)
+    assert unchanged == []  # where it is tracked only
 
 
 def test_runs_under_a_directory_named_artifacts_are_tracked_at_the_storage_root(tmp_path: Path, record):
@@ -165,8 +170,8 @@ def _predictions(n: int = 120) -> pd.DataFrame:
 def test_an_evaluation_is_recorded_and_tracked_in_one_run_per_agent_run(tmp_path: Path):
     out = tmp_path / "eval"
     out.mkdir()
-    predictions = store.location(out / "zs-abc123.parquet", "output_dir")
-    _predictions().to_parquet(predictions.path)
+    predictions = PredictionStore(storage.location(out, "output_dir"), "zs-abc123")
+    _predictions().to_parquet(predictions.final.path)
     spec = AgentSpec(name="zs", model="tiny")
     agent = ResolvedAgent(spec, "/models/tiny", None, "abc123")
     cfg = EvalConfig(agents=[spec], output_dir=str(out))
@@ -192,7 +197,8 @@ def test_an_evaluation_is_recorded_and_tracked_in_one_run_per_agent_run(tmp_path
         ("all", "overall", "macro_f1"),
         ("hard", "type:proactive", "intervened_when_should"),
     ]:
-        row = metrics[(metrics.subset == subset) & (metrics.slice == slice_name) & (metrics.metric == metric)].iloc[0]
+        rows = named(metrics)
+        row = rows[(rows.subset == subset) & (rows.slice == slice_name) & (rows.metric == metric)].iloc[0]
         name = f"metrics.{subset}/{slice_name}/{metric}"
         assert run[name] == pytest.approx(row.value)
         assert (run[f"{name}.ci_low"], run[f"{name}.ci_high"]) == pytest.approx((row.ci_low, row.ci_high))

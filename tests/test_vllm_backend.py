@@ -1,13 +1,12 @@
 """The pure parts of the vLLM backend (request building, reading log-probs); vLLM itself is not installed."""
 
 import importlib.util
-import json
 
 import pytest
 
-from harness.errors import ConfigError
-from harness.evaluate import AgentSpec
-from harness.vllm_backend import parse_selection, prediction_row, sampling_params, single_token_ids
+from harness.core.errors import ConfigError
+from harness.evaluate.config import AgentSpec
+from harness.evaluate.vllm import parse_selection, prediction_row, sampling_params, single_token_ids
 
 LABELS, IDS = ["reactive", "proactive"], [2050, 2051]
 BEHAVIORS = {"reactive": "reactive", "proactive": "proactive"}
@@ -29,11 +28,11 @@ def test_the_best_label_wins_whatever_the_key_and_record_shape():
     records = [{2050: {"logprob": -0.2, "rank": 1}, 2051: {"logprob": -1.9, "rank": 2}, 9: {"logprob": -3.0}}]
     chosen = parse_selection(records, LABELS, IDS, BEHAVIORS)
     assert (chosen.behavior, chosen.label, chosen.answer) == ("reactive", "reactive", "")
-    assert json.loads(chosen.scores) == {"reactive": -0.2, "proactive": -1.9}
+    assert chosen.scores == {"reactive": -0.2, "proactive": -1.9}
     # after Arrow: string keys, bare numbers, and missing keys filled with None
     chosen = parse_selection([{"2050": None, "2051": -0.7, "17": -0.1}], LABELS, IDS, BEHAVIORS)
     assert chosen.label == "proactive"
-    assert json.loads(chosen.scores) == {"reactive": None, "proactive": -0.7}
+    assert chosen.scores == {"reactive": None, "proactive": -0.7}
 
 
 def test_no_label_among_the_logprobs_is_an_error_row_not_a_guess():

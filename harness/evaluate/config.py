@@ -1,0 +1,92 @@
+"""The evaluation config: the agents to evaluate, the data and split, and where results go."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+from harness.agents.loading import DTYPES
+from harness.agents.references import reference_problem
+from harness.agents.selection import Mode, Strategy, parse_mode, parse_strategy
+from harness.agents.tokens import TokenDesign
+from harness.core.config import check_range
+from harness.core.names import name_problem
+from harness.data.records import SPLITS
+from harness.results.tracking import TrackingSettings
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class AgentSpec:
+    name: str
+    model: str  # hub id, local path, packaged name (smollm2), run:<run name>, or sweep:<sweep name>:best
+    mode: Mode = Mode.ZERO_SHOT
+    strategy: Strategy | None = None  # behavior_token, generate or choice; None: the mode's default
+    design: TokenDesign | None = None  # behaviorsft: read from the model directory when absent
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {node_b: 1}
+    batch_size: int = 16
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    backend: str = "hf"  # hf: transformers, any strategy; vllm: harness.evaluate.vllm (GPU; behavior_token, choice)
+
+    def __post_init__(self) -> None:
+        problem = name_problem(self.name)
+        if problem:
+            raise ValueError(f"name: {problem}")
+        problem = reference_problem(self.model)
+        if problem:
+            raise ValueError(f"model: {self.model}: {problem}")
+        self.mode = parse_mode(self.mode, "mode")
+        self.strategy = parse_strategy(self.strategy, self.mode, "strategy")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.backend == "vllm" and self.strategy is Strategy.GENERATE:
+            raise ValueError("backend: vllm selects with one token (behavior_token or choice); generate needs hf")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError('backend: vllm is not installed (pip install -e ".[vllm]" on a GPU node)')
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
+        check_range("replicas", self.replicas, low=1)
+        check_range("batch_size", self.batch_size, low=1)
+        check_range("num_cpus", self.num_cpus, above=0)
+        check_range("num_gpus", self.num_gpus, low=0)
+        for name, amount in sorted(self.resources.items()):
+            check_range(f"resources.{name}", amount, low=0)
+
+
+@dataclass
+class EvalConfig:
+    agents: list[AgentSpec] = field(default_factory=list)
+    data: str = "artifacts/data/tasks.jsonl"
+    taxonomy: str | None = None
+    split: str = "test"
+    skip_bad_rows: bool = False
+    max_tasks: int | None = None  # the first N tasks of the split by task_id (stable across re-runs)
+    output_dir: str = "artifacts/eval"  # a directory, or an object-store prefix such as s3://bucket/eval
+    runs_dir: str = "artifacts/runs"
+    leaderboard: str = "results/leaderboard.parquet"  # a local file, or an object such as s3://bucket/lb.parquet
+    answers: bool = True  # also generate answers for behavior-token agents
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 1024
+    bootstrap: int = 1000
+    part_size: int = 256  # tasks per Ray Data batch and per prediction part: what a killed job keeps
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # its experiment defaults to eval
+    address: str | None = None  # the Ray cluster (HOST:PORT); None: $RAY_ADDRESS, else a local cluster
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.agents]
+        if not names:
+            raise ValueError("agents: at least one agent is needed")
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"agents: duplicate name(s) {duplicated}")
+        for key, low in (("part_size", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1), ("bootstrap", 0)):
+            check_range(key, getattr(self, key), low=low)
+        if self.max_tasks is not None:
+            check_range("max_tasks", self.max_tasks, low=1)
+        if self.split not in SPLITS:
+            raise ValueError(f"split: {self.split!r} is not one of {list(SPLITS)}")

@@ -13,7 +13,7 @@ setup: $(STAMP)
 # pip byte-compiles one file at a time (half of its time here); `compileall` afterwards uses every core.
 PIP := $(BIN)/pip install --quiet --no-compile
 # DeepSpeed's CPU communication op, built where its first run would build it (~/.cache/torch_extensions), with
-# this environment's ninja first on PATH as the workers have it (harness.cluster.prepare_deepspeed). CUDA builds
+# this environment's ninja first on PATH as the workers have it (harness.train.recipe.prepare_deepspeed). CUDA builds
 # of torch skip it.
 DS_CPU_OP := import torch, deepspeed.ops.op_builder.cpu as ops; torch.version.cuda or ops.ShareMemCommBuilder().load()
 # Files written for newer Pythons do not compile (pip skips them too): not an error.

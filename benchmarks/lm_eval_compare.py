@@ -2,7 +2,7 @@
 
 lm-evaluation-harness (the `bench` extra: `pip install -e ".[bench]"`) runs as its own `lm_eval --model hf`
 process on a local `multiple_choice` task whose choices are the behavior tokens, its documents being the
-prompts the harness renders (`harness.selection.agent_prompt`). The harness runs in this process
+prompts the harness renders (`harness.agents.selection.agent_prompt`). The harness runs in this process
 (`evaluate()`, one Ray Data job). Decisions are compared task by task: the arg-max of lm-eval's
 log-likelihoods against the harness's `pred_label`.
 """
@@ -22,12 +22,14 @@ import pandas as pd
 import yaml
 
 from benchmarks.memory import PeakMemory
-from harness.bench import load_tasks, load_taxonomy
-from harness.config import build
-from harness.evaluate import EvalConfig, evaluate
-from harness.model import load_tokenizer
-from harness.selection import Mode, Strategy, agent_prompt
-from harness.tokens import TokenDesign
+from harness.agents.loading import load_tokenizer
+from harness.agents.selection import Mode, Strategy, agent_prompt
+from harness.agents.tokens import TokenDesign
+from harness.core.config import build
+from harness.data.io import load_tasks
+from harness.data.taxonomy import load_taxonomy
+from harness.evaluate.config import EvalConfig
+from harness.evaluate.driver import evaluate
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -62,7 +64,7 @@ def write_task(model_dir: Path, data: Path, split: str, out: Path, name: str) ->
                 tokenizer, list(row["messages"]), Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy
             )
             gold = labels.index(taxonomy.label_of(design.granularity, row["category"], row["gold_behavior"]))
-            handle.write(json.dumps({"task_id": row["task_id"], "prompt": prompt, "gold": gold}) + "\n")
+            handle.write(json.dumps({"task_id": row["task_id"], "prompt": prompt.text, "gold": gold}) + "\n")
     spec = {
         "task": name,
         "dataset_path": "json",
@@ -209,10 +211,11 @@ HEADER = (
 def section(work: Path, model_dir: Path | None = None, smollm2: bool = False) -> str:
     """The comparison as Markdown: the tiny model with behavior tokens (or `model_dir`) at about 520 and
     5,000 tasks and four agents at 520; SmolLM2-135M-Instruct at 520 when `smollm2`."""
-    from harness.bench.synth import write_sample
-    from harness.model import add_behavior_tokens, local_or_hub, make_tiny
+    from harness.agents.making import add_behavior_tokens, make_tiny
+    from harness.agents.references import local_or_hub
+    from harness.data.mini import write_sample
 
-    small = write_sample(work / "data-3400", tasks=3400, seed=0)  # 522 test tasks
+    small = write_sample(work / "data-3400", tasks=3400, seed=0)  # 532 test tasks
     large = write_sample(work / "data-32600", tasks=32600, seed=0)  # about 5,000 test tasks
     taxonomy = load_taxonomy()
     if model_dir is None:

@@ -1,6 +1,7 @@
 """Benchmarks, measured side by side in one run; results as a Markdown table.
 
-    python -m benchmarks.run [--out benchmarks/results.md] [--readme README.md] [--sizes 1000,10000,215000] [--smollm2]
+    python -m benchmarks.run [--out benchmarks/results.md] [--doc docs/benchmarks.md] [--sizes 1000,10000,215000]
+                             [--smollm2]
 
 1. Evaluation throughput (tasks/s) of the harness (Ray Data, behavior-token scoring) at 1 and 2
    replicas, against a plain sequential transformers loop doing the same scoring on the same model
@@ -22,32 +23,35 @@ from pathlib import Path
 
 from benchmarks import lm_eval_compare
 from benchmarks.memory import PeakMemory
-from harness.bench import load_tasks, load_taxonomy
-from harness.bench.synth import write_sample
-from harness.config import build
-from harness.evaluate import EvalConfig, evaluate
-from harness.files import write_text
-from harness.model import ModelSettings, add_behavior_tokens, load_model, load_tokenizer, make_tiny
-from harness.prompts import encode_example, target_text
-from harness.scoring import label_scores
-from harness.selection import Mode, Strategy, agent_prompt
-from harness.tokens import TokenDesign
-from harness.train import TrainConfig, pad_batch, train
+from harness.agents.encoding import encode, encode_example
+from harness.agents.loading import load_model, load_tokenizer
+from harness.agents.making import add_behavior_tokens, make_tiny
+from harness.agents.prompts import target
+from harness.agents.scoring import label_scores
+from harness.agents.selection import Mode, Strategy, agent_prompt
+from harness.agents.tokens import TokenDesign
+from harness.core.config import build
+from harness.core.files import write_text
+from harness.data.io import load_tasks
+from harness.data.mini import write_sample
+from harness.data.taxonomy import load_taxonomy
+from harness.evaluate.config import EvalConfig
+from harness.evaluate.driver import evaluate
+from harness.train.config import TrainConfig
+from harness.train.data import pad_batch
+from harness.train.driver import train
 
 
 def plain_eval(model_dir: Path, data: Path, split: str, batch_size: int = 16) -> tuple[float, int]:
     """The same behavior-token scoring as the harness, as one sequential loop without Ray."""
     taxonomy, design = load_taxonomy(), TokenDesign()
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_model(ModelSettings(str(model_dir))).eval()
+    model = load_model(str(model_dir)).eval()
     frame = load_tasks(data, split=split)
     began = time.perf_counter()
     labels = design.label_token_ids(tokenizer, taxonomy)
     prompts = [
-        tokenizer(
-            agent_prompt(tokenizer, list(m), Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy),
-            add_special_tokens=False,
-        )["input_ids"]
+        encode(tokenizer, agent_prompt(tokenizer, list(m), Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy))
         for m in frame["messages"]
     ]
     for start in range(0, len(prompts), batch_size):
@@ -89,7 +93,7 @@ def harness_eval(
     )
     began = time.perf_counter()
     table = evaluate(cfg).metrics
-    return time.perf_counter() - began, int(table[(table.slice == "overall") & (table.subset == "all")].n.iloc[0])
+    return time.perf_counter() - began, int(table[(table.slice_kind == "overall") & (table.subset == "all")].n.iloc[0])
 
 
 def plain_train(model_dir: Path, data: Path, steps: int, batch_size: int = 16) -> float:
@@ -97,14 +101,14 @@ def plain_train(model_dir: Path, data: Path, steps: int, batch_size: int = 16) -
     import torch
 
     taxonomy, design = load_taxonomy(), TokenDesign()
-    tokenizer, model = load_tokenizer(str(model_dir)), load_model(ModelSettings(str(model_dir)))
+    tokenizer, model = load_tokenizer(str(model_dir)), load_model(str(model_dir))
     design.apply(tokenizer, model, taxonomy)
     frame = load_tasks(data, split="train").head(steps * batch_size)
     examples = [
         encode_example(
             tokenizer,
             agent_prompt(tokenizer, list(r["messages"]), Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, taxonomy),
-            target_text(r, design, taxonomy),
+            target(tokenizer, r, design, taxonomy),
             384,
         )
         for r in frame.to_dict("records")
@@ -121,15 +125,15 @@ def plain_train(model_dir: Path, data: Path, steps: int, batch_size: int = 16) -
     return tokens / (time.perf_counter() - began)
 
 
-README_BLOCK = ("<!-- make bench: begin -->", "<!-- make bench: end -->")
+DOC_BLOCK = ("<!-- make bench: begin -->", "<!-- make bench: end -->")
 
 
-def into_readme(readme: Path, text: str) -> None:
-    """Put `text` between the README's `README_BLOCK` markers, in place of what the last run put there."""
-    begin, end = README_BLOCK
-    before, rest = readme.read_text().split(begin, 1)
+def into_doc(doc: Path, text: str) -> None:
+    """Put `text` between the document's `DOC_BLOCK` markers, in place of what the last run put there."""
+    begin, end = DOC_BLOCK
+    before, rest = doc.read_text().split(begin, 1)
     after = rest.split(end, 1)[1]
-    write_text(readme, f"{before}{begin}\n{text}\n{end}{after}")
+    write_text(doc, f"{before}{begin}\n{text}\n{end}{after}")
 
 
 def provenance(seconds: float) -> str:
@@ -148,11 +152,13 @@ def main() -> None:
     # 215,000 synthetic tasks hold about 150,000 train rows: the real benchmark's size (142,496 tasks).
     parser.add_argument("--sizes", default="1000,10000,215000", help="tasks synthesized for the scaling benchmark")
     parser.add_argument("--smollm2", action="store_true", help="also compare with lm-eval on SmolLM2-135M")
-    parser.add_argument("--readme", default="README.md", help="whose marked block gets the results too ('' for none)")
+    parser.add_argument(
+        "--doc", default="docs/benchmarks.md", help="the document whose marked block gets the results too ('' for none)"
+    )
     args = parser.parse_args()
     lm_eval_compare.lm_eval_binary()  # missing: refused now, not after the other benchmarks
-    if args.readme and not all(marker in Path(args.readme).read_text() for marker in README_BLOCK):
-        raise SystemExit(f"{args.readme}: no {' ... '.join(README_BLOCK)} block for the results (or pass --readme '')")
+    if args.doc and not all(marker in Path(args.doc).read_text() for marker in DOC_BLOCK):
+        raise SystemExit(f"{args.doc}: no {' ... '.join(DOC_BLOCK)} block for the results (or pass --doc '')")
     import ray
 
     ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR", log_to_driver=False)
@@ -160,7 +166,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     # First, in a driver that has run nothing else, as `harness eval` runs. (Run last, its harness times were 1.3x
     # to 1.6x a standalone run's; the uncompiled bench extra, since compiled by the Makefile, explains at least most
-    # of that: see README, "Why `make bench` used to miss them".)
+    # of that: see docs/benchmarks.md, "Why `make bench` used to miss them".)
     compared = lm_eval_compare.section(work / "lm-eval", smollm2=args.smollm2)
     data = write_sample(work / "data", tasks=3000, seed=0)
     tiny = make_tiny(data, work / "tiny")
@@ -247,8 +253,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     write_text(Path(args.out), text + "\n")
-    if args.readme:
-        into_readme(Path(args.readme), text)
+    if args.doc:
+        into_doc(Path(args.doc), text)
     print(text)
 
 

@@ -1,7 +1,7 @@
 """Parquet leaderboards: one tidy table (agent x subset x slice x metric), appended atomically.
 
 A leaderboard is a local file or an object (`s3://bucket/results/leaderboard.parquet`, see
-`harness.store.Location`). Rows of a run id already present are replaced, so re-running a finished
+`harness.core.storage.Location`). Rows of a run id already present are replaced, so re-running a finished
 evaluation does not duplicate them. Local appends hold an exclusive lock on `PATH.lock`, write a temporary
 file and rename it over the table, so concurrent jobs never corrupt it or lose rows. An object is
 replaced whole by one PUT, so a reader never sees a partial table, but object stores have no locks: of

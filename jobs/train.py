@@ -1,6 +1,6 @@
 """Ray job entrypoint of `harness train`: `ray job submit --working-dir . -- python jobs/train.py [--root DIR] ARGS`.
 
-Relative paths of the config resolve against `--root` (see `harness.core.storage`), not against the job's copy of the code.
+Relative paths of the config resolve against `--root` (see `harness.core.storage`), not the job's copy of the code.
 """
 
 import sys

@@ -32,7 +32,15 @@ def _predictions(accuracy: float, seed: int = 0, n: int = 200) -> pd.DataFrame:
 
 def _metadata(rows: pd.DataFrame, agent: str, run_id: str, dataset: str = "d") -> pd.DataFrame:
     return leaderboard.with_metadata(
-        rows, run_id=run_id, agent=agent, model="m", mode="zero_shot", design="", dataset=dataset, split="test"
+        rows,
+        run_id=run_id,
+        agent=agent,
+        model="m",
+        mode="zero_shot",
+        design="",
+        readout="logprobs",
+        dataset=dataset,
+        split="test",
     )
 
 

@@ -41,12 +41,21 @@ def _predictions(tasks: pd.DataFrame, agent: str, accuracy: float, seed: int) ->
         prompt="<|im_start|>user\n...<|im_end|>",
         prompt_tokens=240,
         chat_template_sha256="0" * 64,
+        readout="logprobs",
     )[list(COLUMNS)]
 
 
 def _metadata(rows: pd.DataFrame, agent: str, run_id: str, dataset: str) -> pd.DataFrame:
     return leaderboard.with_metadata(
-        rows, run_id=run_id, agent=agent, model="m", mode="behaviorsft", design="", dataset=dataset, split="test"
+        rows,
+        run_id=run_id,
+        agent=agent,
+        model="m",
+        mode="behaviorsft",
+        design="",
+        readout="logprobs",
+        dataset=dataset,
+        split="test",
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -81,13 +82,18 @@ def agent_prompt(
     taxonomy: Taxonomy,
 ) -> Rendered:
     """The rendered prompt an agent of `mode` answers with `strategy`."""
+    return prompt_text(tokenizer, messages, *framing(mode, strategy, design, taxonomy))
+
+
+def framing(mode: Mode, strategy: Strategy, design: TokenDesign | None, taxonomy: Taxonomy) -> tuple[str, str]:
+    """What the harness adds to a task's conversation for an agent: a system note (the instructions, or a design's
+    description of its tokens) and a closing question (the `choice` prompt); "" where there is none."""
     note = ""
     if mode is Mode.INSTRUCTED:
         note = INSTRUCTIONS
     elif mode is Mode.BEHAVIORSFT and design is not None:
         note = design.system_note(taxonomy)
-    question = choice_question(taxonomy)[0] if strategy is Strategy.CHOICE else ""
-    return prompt_text(tokenizer, messages, note, question)
+    return note, choice_question(taxonomy)[0] if strategy is Strategy.CHOICE else ""
 
 
 def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -117,6 +123,27 @@ def label_behavior(taxonomy: Taxonomy, strategy: Strategy, design: TokenDesign |
         assert design is not None
         return taxonomy.behavior_of_label(design.granularity, label)
     return label
+
+
+def read_answer(answer: str, design: TokenDesign | None, taxonomy: Taxonomy) -> tuple[str, str]:
+    """(behavior, label) of a generated answer: its leading behavior token (with a design), else the answer rule."""
+    if design is not None:
+        label = design.parse(answer, taxonomy)
+        if label is not None:
+            return taxonomy.behavior_of_label(design.granularity, label), label
+    behavior = classify_answer(answer)
+    return behavior, behavior
+
+
+LETTER = re.compile(r"\s*\(?([A-Z])\)?(?![A-Za-z])")
+
+
+def read_choice(answer: str, letters: dict[str, str]) -> str | None:
+    """The behavior whose option letter opens `answer` (`A`, `(A)`, `A.`, `A: ...`), else None: read strictly, so
+    `Answer ...` is no `A`."""
+    match = LETTER.match(answer)
+    chosen = {letter: behavior for behavior, letter in letters.items()}
+    return chosen.get(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -153,22 +180,13 @@ class Selector:
     def prompt(self, messages: list[dict[str, Any]]) -> Rendered:
         return agent_prompt(self.tokenizer, messages, self.mode, self.strategy, self.design, self.taxonomy)
 
-    def _read_answer(self, answer: str) -> tuple[str, str]:
-        """(behavior, label) of a generated answer: its leading behavior token, else the answer rule."""
-        if self.design is not None:
-            label = self.design.parse(answer, self.taxonomy)
-            if label is not None:
-                return self.taxonomy.behavior_of_label(self.design.granularity, label), label
-        behavior = classify_answer(answer)
-        return behavior, behavior
-
     def select(self, prompts: list[list[int]]) -> list[Selection]:
         """The behavior of each encoded prompt (one model batch: the caller bounds its size)."""
         answers = [""] * len(prompts)
         if self.answers:
             answers = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens)
         if self.strategy is Strategy.GENERATE:
-            return [Selection(*self._read_answer(a), {}, a) for a in answers]
+            return [Selection(*read_answer(a, self.design, self.taxonomy), {}, a) for a in answers]
         scores = label_scores(self.model, prompts, self.label_ids, self.tokenizer.pad_token_id)
         chosen = [self.labels[j] for j in scores.argmax(1).tolist()]
         behavior = {label: label_behavior(self.taxonomy, self.strategy, self.design, label) for label in self.labels}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from harness.agents.loading import DTYPES
 from harness.agents.references import reference_problem
@@ -14,24 +16,80 @@ from harness.core.names import name_problem
 from harness.data.records import SPLITS
 from harness.results.tracking import TrackingSettings
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "endpoint")
+READOUTS = ("auto", "logprobs", "text")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class EndpointSettings:
+    """An OpenAI-compatible chat-completions server (a hosted API, vLLM, llama.cpp, `transformers serve`)."""
+
+    base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key, never the key itself
+    readout: str = "auto"  # auto: log-probabilities when the server returns them, else the text; logprobs; text
+    top_logprobs: int = 20  # alternatives asked for at the first generated token
+    seed: int = 0
+    extra_body: dict[str, Any] = field(default_factory=dict)  # server-specific fields, e.g. vLLM's skip_special_tokens
+    concurrency: int = 8  # requests in flight per actor
+    requests_per_s: float | None = None  # the whole agent's limit, over all its actors; None: none
+    timeout_s: float = 60.0
+    max_retries: int = 4  # of a request on 408/409/429/5xx, a timeout or a dropped connection
+    max_retry_wait_s: float = 60.0  # the longest Retry-After honoured; backoff is 0.5 s doubling to 8 s, jittered
+    max_requests: int | None = None  # this run's budget of requests sent (retries included); None: none
+    max_tokens: int | None = None  # this run's budget of tokens (prompt and completion); None: none
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url: {self.base_url!r} is not an http(s) URL")
+        if self.api_key_env is not None and not ENV_NAME.fullmatch(self.api_key_env):
+            raise ValueError(
+                f"api_key_env: {self.api_key_env!r} is not an environment variable's name (the key itself never "
+                "goes in a config)"
+            )
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout: {self.readout!r} is not one of {list(READOUTS)}")
+        for key in ("top_logprobs", "concurrency"):
+            check_range(key, getattr(self, key), low=1)
+        for key in ("timeout_s", "max_retry_wait_s"):
+            check_range(key, getattr(self, key), above=0)
+        check_range("max_retries", self.max_retries, low=0)
+        for key in ("requests_per_s", "max_requests", "max_tokens"):
+            if getattr(self, key) is not None:
+                check_range(key, getattr(self, key), above=0)
+
+
+# How an endpoint agent runs and what it may spend, not what it predicts: left out of its run id.
+ENDPOINT_RUNTIME = (
+    "api_key_env",
+    "concurrency",
+    "requests_per_s",
+    "timeout_s",
+    "max_retries",
+    "max_retry_wait_s",
+    "max_requests",
+    "max_tokens",
+)
 
 
 @dataclass
 class AgentSpec:
     name: str
-    model: str  # hub id, local path, packaged name (smollm2), run:<run name>, or sweep:<sweep name>:best
+    model: str  # hub id, local path, packaged name (smollm2), run:<run name>, sweep:<sweep name>:best; an
+    # endpoint agent's: the model name the server serves
     mode: Mode = Mode.ZERO_SHOT
     strategy: Strategy | None = None  # behavior_token, generate or choice; None: the mode's default
-    design: TokenDesign | None = None  # behaviorsft: read from the model directory when absent
+    design: TokenDesign | None = None  # behaviorsft: read from the model directory when absent (endpoint: default)
     replicas: int = 1
-    num_cpus: float = 1.0
+    num_cpus: float | None = None  # per actor; None: 1, or 0.25 for an endpoint agent (it waits on the network)
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {node_b: 1}
     batch_size: int = 16
     dtype: str = "auto"
     trust_remote_code: bool = False
-    backend: str = "hf"  # hf: transformers, any strategy; vllm: harness.evaluate.vllm (GPU; behavior_token, choice)
+    backend: str = "hf"  # hf: transformers, any strategy; vllm: harness.evaluate.vllm (GPU; behavior_token, choice);
+    # endpoint: an OpenAI-compatible server (harness.evaluate.endpoint), any strategy
+    endpoint: EndpointSettings | None = None  # backend endpoint only
 
     def __post_init__(self) -> None:
         problem = name_problem(self.name)
@@ -40,10 +98,14 @@ class AgentSpec:
         problem = reference_problem(self.model)
         if problem:
             raise ValueError(f"model: {self.model}: {problem}")
-        self.mode = parse_mode(self.mode, "mode")
-        self.strategy = parse_strategy(self.strategy, self.mode, "strategy")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: {self.backend!r} is not one of {list(BACKENDS)}")
+        if (self.backend == "endpoint") != (self.endpoint is not None):
+            raise ValueError("endpoint: an endpoint agent (backend: endpoint) needs an endpoint section; others none")
+        if self.num_cpus is None:
+            self.num_cpus = 0.25 if self.backend == "endpoint" else 1.0
+        self.mode = parse_mode(self.mode, "mode")
+        self.strategy = parse_strategy(self.strategy, self.mode, "strategy")
         if self.backend == "vllm" and self.strategy is Strategy.GENERATE:
             raise ValueError("backend: vllm selects with one token (behavior_token or choice); generate needs hf")
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:

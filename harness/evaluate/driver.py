@@ -25,11 +25,12 @@ from harness.core.storage import Location, location, resolve
 from harness.data.io import PREP_CPUS, fingerprint, put_split
 from harness.data.taxonomy import Taxonomy, load_taxonomy
 from harness.evaluate.config import EvalConfig
+from harness.evaluate.endpoint import BUDGET, EndpointPredictor, Ledger
 from harness.evaluate.hf import BATCH_TRIES, AgentPredictor, actor_demand, actor_groups
 from harness.evaluate.runs import ResolvedAgent, resolve_agents
 from harness.results import leaderboard
 from harness.results.metrics import score_agents, slice_name
-from harness.results.predictions import ERROR, PredictionStore
+from harness.results.predictions import ERROR, PredictionStore, readout_summary
 from harness.results.run_record import run_record, save_record
 from harness.results.tracking import open_run
 
@@ -101,6 +102,32 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
 
             todo = tasks.filter(expr=col("task_id").not_in(sorted(done[agent.spec.name])), num_cpus=PREP_CPUS)
             pipelines.append(vllm_pipeline(todo, agent, cfg))
+    ledgers = {}
+    for agent in (a for a in agents if a.spec.name in done and a.spec.backend == "endpoint"):
+        settings, name = agent.spec.endpoint, agent.spec.name
+        ledgers[name] = (
+            ray.remote(num_cpus=0)(Ledger)
+            .options(max_concurrency=1)
+            .remote(settings.requests_per_s, settings.max_requests, settings.max_tokens)
+        )
+        pipelines.append(
+            tasks.map_batches(
+                EndpointPredictor,
+                fn_constructor_kwargs={
+                    "agent": agent,
+                    "cfg": cfg,
+                    "done": done[name],
+                    "ledger": ledgers[name],
+                    "responses": stores[name].responses,
+                },
+                batch_size=cfg.part_size,
+                compute=ray.data.ActorPoolStrategy(size=agent.spec.replicas),
+                num_cpus=agent.spec.num_cpus,
+                resources=agent.spec.resources,
+                max_restarts=BATCH_TRIES,
+                max_task_retries=BATCH_TRIES,
+            )
+        )
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     for group in actor_groups([a for a in agents if a.spec.name in done and a.spec.backend == "hf"], nodes):
         demand = actor_demand(group)
@@ -124,23 +151,36 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
             )
         )
     failures: dict[str, str] = {}
+    spent: set[str] = set()  # endpoint agents that stopped when their budget ran out
     if pipelines:
         combined = pipelines[0].union(*pipelines[1:]) if len(pipelines) > 1 else pipelines[0]
         for batch in combined.iter_batches(batch_size=None, batch_format="pandas"):
             for name, rows in batch.groupby("agent"):
-                failed = rows[ERROR].fillna("") != ""
+                errors = rows[ERROR].fillna("")
+                if (errors == BUDGET).any():
+                    spent.add(name)
+                failed = (errors != "") & (errors != BUDGET)
                 if failed.any() and name not in failures:
                     failures[name] = stores[name].write_failure(name, rows.loc[failed, ERROR].iloc[0])
-                if (~failed).any():
-                    stores[name].add(rows[~failed])
+                if (errors == "").any():
+                    stores[name].add(rows[errors == ""])
                 if progress is not None:
                     progress(name, len(rows), remaining[name])
+    usage = {name: ray.get(ledger.usage.remote()) for name, ledger in ledgers.items()}
+    for name in sorted(spent - set(failures)):
+        settings, kept = next(a for a in agents if a.spec.name == name).spec.endpoint, stores[name].done_ids()
+        failures[name] = (
+            f"agent {name}: stopped when its budget ran out (endpoint.max_requests {settings.max_requests}, "
+            f"max_tokens {settings.max_tokens}); {len(kept)} of {len(planned)} tasks have predictions, kept in "
+            f"{stores[name].parts_dir}: raise the budget and re-run to continue"
+        )
     finished = [a for a in agents if a.spec.name not in failures]
     for agent in finished:
         if not stores[agent.spec.name].finished:
             stores[agent.spec.name].finalize(planned)
     # Each agent's metrics, and its paired comparisons with every other agent of this job (same tasks).
-    scored = score_agents({a.spec.name: stores[a.spec.name].read() for a in finished}, samples=cfg.bootstrap)
+    frames = {a.spec.name: stores[a.spec.name].read() for a in finished}
+    scored = score_agents(frames, samples=cfg.bootstrap)
     metrics = []
     for agent in finished:
         metrics.append(
@@ -151,27 +191,39 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
                 model=agent.spec.model,
                 mode=agent.spec.mode.value,
                 design=agent.design.name if agent.design else "",
+                readout=readout_summary(frames[agent.spec.name]),
                 dataset=dataset_id,
                 split=cfg.split,
             )
         )
     table = pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(columns=leaderboard.COLUMNS)
     for agent in finished:
-        record_evaluation(cfg, agent, dataset_id, scored[agent.spec.name], stores[agent.spec.name])
+        record_evaluation(
+            cfg, agent, dataset_id, scored[agent.spec.name], stores[agent.spec.name], usage.get(agent.spec.name)
+        )
     return EvalResult(table, list(failures.values()))
 
 
 def record_evaluation(
-    cfg: EvalConfig, agent: ResolvedAgent, dataset_id: str, metrics: pd.DataFrame, store: PredictionStore
+    cfg: EvalConfig,
+    agent: ResolvedAgent,
+    dataset_id: str,
+    metrics: pd.DataFrame,
+    store: PredictionStore,
+    usage: dict[str, float] | None = None,
 ) -> None:
-    """Write the agent run's record beside its final predictions (once) and track the evaluation: one run per
-    agent run id in experiment "eval", with its params, its leaderboard metrics (`<subset>/<slice>/<metric>`
-    and their `.ci_low`/`.ci_high`) and the predictions file as an artifact."""
+    """Write the agent run's record beside its final predictions (once; an endpoint agent's `endpoint_usage`, what
+    this job spent, each time) and track the evaluation: one run per agent run id in experiment "eval", with its
+    params, its leaderboard metrics (`<subset>/<slice>/<metric>` and their `.ci_low`/`.ci_high`, and an endpoint's
+    `endpoint/<count>`) and the predictions file as an artifact."""
     spec = agent.spec
     if store.record.exists():  # predictions made by an earlier job: its record describes them
         record = json.loads(store.record.read_text())
     else:  # the bootstrap seed is harness.results.metrics.score_agents' default, which evaluate() uses
         record = run_record({"batch_size": spec.batch_size, "part_size": cfg.part_size}, {"bootstrap": 0})
+    if usage is not None:
+        record["endpoint_usage"] = usage
+    if usage is not None or not store.record.exists():
         save_record(store.record, record)
     params = {
         "agent": to_dict(spec),
@@ -188,6 +240,7 @@ def record_evaluation(
     for row in metrics.itertuples():
         name = f"{row.subset}/{slice_name(row.slice_kind, row.slice_value)}/{row.metric}"
         values.update({name: row.value, f"{name}.ci_low": row.ci_low, f"{name}.ci_high": row.ci_high})
+    values.update({f"endpoint/{key}": value for key, value in (usage or {}).items()})
     tracker.log_metrics(values, step=0)
     if store.final.local:
         tracker.log_file(Path(store.final.path))

@@ -105,7 +105,8 @@ class AgentPredictor:
         selector = self.selectors[name]
         rendered = [selector.prompt(list(m)) for m in batch["messages"]]
         prompts = [encode_prompt(selector.tokenizer, r, self.cfg.max_prompt_tokens) for r in rendered]
-        seen = {"strategy": strategy, "chat_template_sha256": self.template_sha256[name]}
+        readout = "text" if strategy == Strategy.GENERATE.value else "logprobs"
+        seen = {"strategy": strategy, "chat_template_sha256": self.template_sha256[name], "readout": readout}
         predictions = [
             Prediction(**seen, prompt=r.text, prompt_tokens=len(ids)) for r, ids in zip(rendered, prompts, strict=True)
         ]

@@ -6,13 +6,14 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.agents.references import loadable, model_stamp
 from harness.agents.selection import Mode
 from harness.agents.tokens import TokenDesign
 from harness.core.errors import ConfigError
 from harness.data.taxonomy import Taxonomy
-from harness.evaluate.config import AgentSpec, EvalConfig
+from harness.evaluate.config import ENDPOINT_RUNTIME, AgentSpec, EvalConfig
 from harness.results.predictions import COLUMNS, agent_key
 from harness.train.layout import trained_model
 
@@ -35,26 +36,15 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list
     resolved = []
     for spec in cfg.agents:
         try:
-            path = trained_model(spec.model, cfg.runs_dir) or loadable(spec.model, "model")
+            path, design = _model(spec, cfg.runs_dir)
         except ConfigError as exc:
             raise ConfigError(f"agent {spec.name}: {exc}") from None
-        design = spec.design
-        if spec.mode is Mode.BEHAVIORSFT and design is None:
-            design = TokenDesign.load(path)
-            if design is None:
-                raise ConfigError(
-                    f"agent {spec.name}: mode behaviorsft but {path} has no token_design.json "
-                    "and the agent sets no design"
-                )
         design = design if spec.mode is Mode.BEHAVIORSFT else None
-        # How and where the agent runs is not what it predicts (`resources` is dropped, not nulled: run ids from
-        # before that field stay valid).
-        agent = {k: v for k, v in asdict(spec).items() if k != "resources"}
         identity = json.dumps(
             [
-                {**agent, "design": asdict(design) if design else None, "replicas": None, "num_cpus": None},
+                {**_predicting(spec), "design": asdict(design) if design else None},
                 path,
-                model_stamp(path),
+                model_stamp(path) if spec.endpoint is None else path,
                 dataset_id,
                 taxonomy_id,
                 cfg.split,
@@ -70,3 +60,30 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list
         run_id = hashlib.sha256(identity.encode()).hexdigest()[:12]
         resolved.append(ResolvedAgent(spec, path, design, run_id))
     return resolved
+
+
+def _model(spec: AgentSpec, runs_dir: str) -> tuple[str, TokenDesign | None]:
+    """Where an agent's model is (a loadable path or hub id; an endpoint agent's server and model name) and the
+    token design it answers with (read from the model directory when the agent sets none)."""
+    if spec.endpoint is not None:  # a served BehaviorSFT checkpoint's design is the agent's, else the default
+        return f"{spec.endpoint.base_url.rstrip('/')}#{spec.model}", spec.design or TokenDesign()
+    path = trained_model(spec.model, runs_dir) or loadable(spec.model, "model")
+    if spec.mode is not Mode.BEHAVIORSFT or spec.design is not None:
+        return path, spec.design
+    design = TokenDesign.load(path)
+    if design is None:
+        raise ConfigError(f"mode behaviorsft but {path} has no token_design.json and the agent sets no design")
+    return path, design
+
+
+def _predicting(spec: AgentSpec) -> dict[str, Any]:
+    """What of an agent's spec its predictions depend on. How and where it runs is left out: its replicas, CPUs and
+    custom resources, and an endpoint's pacing, retries, budget and key name (`resources` and an absent `endpoint`
+    are dropped, not nulled, so the run ids of agents from before those fields stay valid)."""
+    agent = {k: v for k, v in asdict(spec).items() if k != "resources"}
+    agent.update(replicas=None, num_cpus=None)
+    if spec.endpoint is None:
+        del agent["endpoint"]
+    else:
+        agent["endpoint"] = {k: v for k, v in agent["endpoint"].items() if k not in ENDPOINT_RUNTIME}
+    return agent

@@ -115,7 +115,9 @@ def prediction_row(
 ) -> dict[str, Any]:
     """One engine output row as a prediction row (with `error` set when the engine or the parse failed)."""
     error = row.get("__inference_error__") or ""
-    prediction = Prediction(row["strategy"], row["prompt"], row["prompt_tokens"], row["chat_template_sha256"])
+    prediction = Prediction(
+        row["strategy"], row["prompt"], row["prompt_tokens"], row["chat_template_sha256"], readout="logprobs"
+    )
     if not error:
         try:
             chosen = parse_selection(row.get("logprobs"), labels, label_ids, behaviors)

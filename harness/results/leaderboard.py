@@ -32,6 +32,7 @@ COLUMNS = [
     "model",
     "mode",
     "design",
+    "readout",
     "dataset",
     "split",
     "subset",
@@ -56,7 +57,8 @@ RANK_COLUMNS = {  # ranking column: (subset, slice_kind, slice_value, metric) of
     "hard": ("hard", OVERALL, "", "macro_f1"),
 }
 KEY = ["subset", "slice_kind", "slice_value", "metric"]  # what one metrics row of an agent run is
-TABLE_COLUMNS = ["rank", "agent", "mode", "design", "overall", "overall_ci", *list(RANK_COLUMNS)[1:]]
+TABLE_COLUMNS = ["rank", "agent", "mode", "design", "overall", "overall_ci", *list(RANK_COLUMNS)[1:], "readout"]
+ADDED = {"readout": ""}  # columns added since the first leaderboards, and what an older one's rows hold
 COLUMN_HELP = {
     "rank": "position by overall Macro F1; a repeated rank is a tie: the paired 95% bootstrap interval of the "
     "Macro F1 difference to the agent just above includes 0",
@@ -71,6 +73,8 @@ COLUMN_HELP = {
     "over_intervention": "tasks whose gold behavior is reactive: share where the agent intervened anyway",
     "missed_intervention": "tasks whose gold behavior is proactive: share where the agent did not intervene",
     "hard": "Macro F1 of behavior selection on the BehaviorBench-Hard subset",
+    "readout": "how the behavior was read: logprobs (label log-probabilities) or text (the generated answer, by its "
+    "behavior token, option letter or the answer rule); both, with counts, when an endpoint gave some of each",
 }
 CHART_SERIES = {  # ranking column: legend label of its bar
     "reactive": "reactive: stayed on task",
@@ -79,10 +83,27 @@ CHART_SERIES = {  # ranking column: legend label of its bar
 }
 
 
-def with_metadata(metrics: pd.DataFrame, **metadata: str) -> pd.DataFrame:
-    """Metrics rows from `harness.metrics.score` with the run's identity columns, in leaderboard order."""
+def with_metadata(
+    metrics: pd.DataFrame,
+    *,
+    run_id: str,
+    agent: str,
+    model: str,
+    mode: str,
+    design: str,
+    readout: str,
+    dataset: str,
+    split: str,
+) -> pd.DataFrame:
+    """Metrics rows from `harness.results.metrics.score` with the run's identity columns, in leaderboard order."""
+    identity = {"run_id": run_id, "agent": agent, "model": model, "mode": mode, "design": design}
     frame = metrics.assign(
-        **metadata, code_version=code_version(), timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds")
+        **identity,
+        readout=readout,
+        dataset=dataset,
+        split=split,
+        code_version=code_version(),
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     return frame[COLUMNS]
 
@@ -114,9 +135,10 @@ def read(path: str | Path | Location) -> pd.DataFrame:
         raise ConfigError(f"{board}: not a leaderboard ({exc})") from None
     if "slice" in frame.columns and "slice_kind" not in frame.columns:  # written before slices were typed
         frame = _typed_slices(frame)
-    missing = [c for c in COLUMNS if c not in frame.columns]
+    missing = [c for c in COLUMNS if c not in frame.columns and c not in ADDED]
     if missing:
         raise ConfigError(f"{board}: not a leaderboard (a predictions file? missing columns {', '.join(missing)})")
+    frame = frame.assign(**{c: default for c, default in ADDED.items() if c not in frame.columns})[COLUMNS]
     for column in ("value", "stderr", "ci_low", "ci_high"):  # no interval (bootstrap 0) is NaN, not None
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
@@ -197,7 +219,7 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
     records = []
     for agent, group in chosen.groupby("agent", sort=True):
         metrics = group.set_index(KEY)
-        record = {"agent": agent, "mode": group["mode"].iloc[0], "design": group["design"].iloc[0]}
+        record = {key: group[key].iloc[0] for key in ("mode", "design", "readout")} | {"agent": agent}
         for column, key in RANK_COLUMNS.items():
             record[column] = float(metrics.loc[key, "value"]) if key in metrics.index else float("nan")
         overall = RANK_COLUMNS["overall"]

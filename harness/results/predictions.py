@@ -6,6 +6,7 @@ whose key is `<agent>-<run id>` keeps:
 - `<key>/part-<hex>.parquet`: predictions as they arrive, each part written whole (a renamed local file or one
   object), so a killed job keeps its progress;
 - `<key>/error.log`: the traceback of a failed agent;
+- `<key>/responses/*.jsonl`: an endpoint agent's responses, each as it arrives (what a re-run does not ask again);
 - `<key>.parquet`: the final predictions, written by `finalize` once the parts hold exactly the planned tasks;
 - `<key>.record.json` and `<key>.tracking.json`: its run record and its tracking run id.
 
@@ -44,8 +45,10 @@ SCHEMA = pa.schema(
         ("scores", pa.list_(SCORE)),  # each label's log-probability (behavior_token and choice strategies)
         ("answer", pa.string()),
         ("latency_ms", pa.float64()),
+        ("readout", pa.string()),  # logprobs: label log-probabilities chose; text: the generated text did
     ]
 )
+READOUTS = ("logprobs", "text")
 COLUMNS = tuple(SCHEMA.names)
 TASK_COLUMNS = ("task_id", "case_id", "category", "task_type", "gold_behavior", "hard")  # copied from the task
 SCORED_COLUMNS = ("task_id", "category", "task_type", "gold_behavior", "pred_behavior")  # what metrics need
@@ -84,6 +87,7 @@ class Prediction:
     scores: list[dict[str, object]] | None = None
     answer: str | None = None
     latency_ms: float | None = None
+    readout: str | None = None
     error: str = ""
 
 
@@ -99,10 +103,9 @@ def prediction_batch(tasks: dict[str, list], agent: str, predictions: list[Predi
 
 def table(frame: pd.DataFrame) -> pa.Table:
     """`frame` with exactly the prediction columns, in order and of their types."""
-    frame = frame[list(COLUMNS)].copy()
-    if len(frame) and frame["scores"].map(lambda v: isinstance(v, str)).any():  # a part written before the type
-        frame["scores"] = [_as_list(score_map(v)) if isinstance(v, str) else v for v in frame["scores"]]
-    return pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
+    frame = upgraded(frame)[list(COLUMNS)]  # a part written by an earlier version joins in the current schema
+    # Without pandas' metadata: a batch from Ray Data holds Arrow-backed dtypes that pandas cannot restore on read.
+    return pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False).replace_schema_metadata(None)
 
 
 def _as_list(scores: dict[str, float | None]) -> list[dict[str, object]] | None:
@@ -111,10 +114,21 @@ def _as_list(scores: dict[str, float | None]) -> list[dict[str, object]] | None:
 
 
 def upgraded(frame: pd.DataFrame) -> pd.DataFrame:
-    """Predictions read from any version's file in the current schema: JSON `scores` become typed."""
+    """Predictions read from any version's file in the current schema: JSON `scores` become typed, and a missing
+    `readout` is what the strategy read (only `generate` read text)."""
     if "scores" in frame.columns and len(frame) and frame["scores"].map(lambda v: isinstance(v, str)).any():
         frame = frame.assign(scores=[_as_list(score_map(v)) for v in frame["scores"]])
+    if "readout" not in frame.columns and "strategy" in frame.columns:
+        frame = frame.assign(readout=["text" if s == "generate" else "logprobs" for s in frame["strategy"]])
     return frame
+
+
+def readout_summary(frame: pd.DataFrame) -> str:
+    """How an agent's behaviors were read, for its leaderboard rows: `logprobs`, `text`, or both with counts."""
+    counts = upgraded(frame)["readout"].value_counts()
+    if len(counts) == 1:
+        return str(counts.index[0])
+    return ", ".join(f"{readout} {counts[readout]}" for readout in READOUTS if readout in counts)
 
 
 def read(location: Location) -> pd.DataFrame:
@@ -132,6 +146,7 @@ class PredictionStore:
         self.record = root.child(f"{key}.record.json")
         self.tracking = root.child(f"{key}.tracking.json")
         self.error_log = self.parts_dir.child("error.log")
+        self.responses = self.parts_dir.child("responses")  # an endpoint agent's response cache
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,5 @@
 """Real Ray Data evaluations of agents on the tiny model, in parallel, with resume."""
 
-import json
 import os
 import shutil
 import signal
@@ -24,7 +23,7 @@ from harness.data.taxonomy import load_taxonomy
 from harness.evaluate.config import EvalConfig
 from harness.evaluate.driver import evaluate
 from harness.results import leaderboard
-from harness.results.predictions import SCHEMA
+from harness.results.predictions import SCHEMA, score_map
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +72,10 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
         assert set(predictions.pred_behavior) <= {"reactive", "proactive"}
     bsft = pd.read_parquet(next(p for p in finals if p.name.startswith("bsft")))
     assert set(bsft.pred_label) <= {"reactive", "proactive", "restraint"}
-    assert bsft.scores.str.startswith('{"reactive"').all() and (bsft.latency_ms > 0).all()
+    labels = [list(score_map(s)) for s in bsft.scores]  # the design's labels, in the taxonomy's order
+    assert all(found == labels[0] and found[:2] == ["reactive", "proactive"] for found in labels)
+    assert (bsft.latency_ms > 0).all()
+    assert set(bsft.readout) == {"logprobs"}
     assert set(bsft.strategy) == {"behavior_token"} and bsft.answer.notna().all()
     # the audit: each row's rendered prompt ends with its conversation's last turn, under the model's template
     last_turn = tasks.set_index("task_id").messages.map(lambda messages: messages[-1]["content"])
@@ -81,7 +83,7 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     assert (bsft.prompt_tokens > 0).all() and bsft.chat_template_sha256.nunique() == 1
     zero = pd.read_parquet(next(p for p in finals if p.name.startswith("zero-shot")))
     assert set(zero.strategy) == {"choice"} and set(zero.pred_label) <= {"reactive", "proactive"}
-    assert all(sorted(json.loads(s)) == ["proactive", "reactive"] for s in zero.scores)
+    assert all(sorted(score_map(s)) == ["proactive", "reactive"] for s in zero.scores)
     assert (zero.answer == "").all()  # a choice prompt asks for a letter: no answer is generated
     assert (bsft.case_id == bsft.task_id.map(dict(zip(tasks.task_id, tasks.case_id, strict=True)))).all()
     assert set(table.agent) == {"zero-shot", "bsft"}
@@ -195,11 +197,11 @@ def test_smollm2_prompt_only_agents_through_the_ray_data_path(sample, smollm2_mo
     assert sorted(frames) == ["instructed", "zero"]
     for frame in frames.values():
         assert len(frame) == 6 and set(frame.strategy) == {"choice"}
-        scores = [json.loads(s) for s in frame.scores]
+        scores = [score_map(s) for s in frame.scores]
         assert all(sorted(s) == ["proactive", "reactive"] and all(v < 0 for v in s.values()) for s in scores)
         chosen = [max(s, key=s.get) for s in scores]
         assert chosen == list(frame.pred_behavior)
         assert frame.prompt.str.startswith("<|im_start|>system").all()  # SmolLM2's own chat template
         assert set(frame.chat_template_sha256) == {chat_template_sha256(load_tokenizer(str(smollm2_model)))}
     # the instructions change what the model sees, so its scores move
-    assert list(frames["zero"].scores) != list(frames["instructed"].scores)
+    assert [score_map(s) for s in frames["zero"].scores] != [score_map(s) for s in frames["instructed"].scores]

@@ -50,7 +50,7 @@ def test_no_label_among_the_logprobs_is_an_error_row_not_a_guess():
 
 def test_agent_backend_is_checked():
     assert AgentSpec("a", "m").backend == "hf"
-    with pytest.raises(ValueError, match=r"backend: 'tpu' is not one of \['hf', 'vllm'\]"):
+    with pytest.raises(ValueError, match=r"backend: 'tpu' is not one of \['hf', 'vllm', 'endpoint'\]"):
         AgentSpec("a", "m", backend="tpu")
     with pytest.raises(ValueError, match="generate needs hf"):
         AgentSpec("a", "m", mode="sft", backend="vllm")

@@ -43,9 +43,8 @@ class EndpointSettings:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url: {self.base_url!r} is not an http(s) URL")
         if self.api_key_env is not None and not ENV_NAME.fullmatch(self.api_key_env):
-            raise ValueError(
-                f"api_key_env: {self.api_key_env!r} is not an environment variable's name (the key itself never "
-                "goes in a config)"
+            raise ValueError(  # the value is not shown: it may be the key itself
+                "api_key_env: the value is not an environment variable's name (the key itself never goes in a config)"
             )
         if self.readout not in READOUTS:
             raise ValueError(f"readout: {self.readout!r} is not one of {list(READOUTS)}")

@@ -62,17 +62,17 @@ class Ledger:
         self.spent = dict.fromkeys(USAGE, 0)
 
     def admit(self) -> float | None:
-        """Seconds the caller waits before sending its next request, or None when the budget is spent."""
+        """When (wall-clock seconds) the caller may send its next request, or None when the budget is spent. An
+        absolute time: the reply's own latency does not shift the request (nodes' clocks agree to NTP's skew)."""
         tokens = self.spent["prompt_tokens"] + self.spent["completion_tokens"]
         if (self.max_requests and self.spent["requests"] >= self.max_requests) or (
             self.max_tokens and tokens >= self.max_tokens
         ):
             return None
         self.spent["requests"] += 1
-        now = time.monotonic()
-        slot = max(now, self.next_slot)
+        slot = max(time.time(), self.next_slot)
         self.next_slot = slot + self.interval
-        return slot - now
+        return slot
 
     def record(self, counts: dict[str, int]) -> None:
         for key, value in counts.items():
@@ -344,10 +344,10 @@ class EndpointPredictor:
 
         settings, tries = self.settings, self.settings.max_retries + 1
         for attempt in range(tries):
-            wait = await self.ledger.admit.remote()
-            if wait is None:
+            slot = await self.ledger.admit.remote()
+            if slot is None:
                 raise EndpointError(BUDGET)
-            await asyncio.sleep(wait)
+            await asyncio.sleep(max(0.0, slot - time.time()))
             try:
                 text = await self._client().post("/chat/completions", body=body, cast_to=str)
             except openai.APIStatusError as exc:
@@ -386,11 +386,16 @@ class EndpointPredictor:
 
 
 def _cause(exc: BaseException) -> str:
-    """The innermost cause's message: `Connection refused`, not the client's generic `Connection error.`."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    """Why a connection failed, from the innermost error that says (`Connection refused`), not the client's
+    generic `Connection error.`."""
+    reason, seen = "", set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            return os.strerror(exc.errno)
+        reason = (str(exc).strip().splitlines() or [reason])[0]
+        exc = exc.__cause__ or exc.__context__
+    return reason[:200] or "no reason given"
 
 
 def _status_problem(exc: Any, settings: EndpointSettings) -> str:

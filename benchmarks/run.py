@@ -9,7 +9,12 @@
 2. Training throughput (tokens/s) of Ray Train + DeepSpeed against a plain single-process PyTorch
    loop on the same model and examples.
 3. Evaluation time and peak memory (driver + Ray workers) as the streamed rows and agents grow.
-4. lm-evaluation-harness itself against `harness eval` (benchmarks/lm_eval_compare.py; the `bench` extra).
+4. lm-evaluation-harness itself against `harness eval` (benchmarks/lm_eval_compare.py; the `bench` extra), in this
+   driver and as whole processes, cold and on a running cluster (benchmarks/whole_process.py).
+5. An endpoint agent against lm-eval's `local-chat-completions` on one `transformers serve`
+   (benchmarks/endpoint_compare.py).
+6. With `--smollm2`: what a SmolLM2 training epoch costs, LoRA on every layer against the top layers with the frozen
+   ones cached (benchmarks/train_cost.py).
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import lm_eval_compare
+from benchmarks import endpoint_compare, lm_eval_compare, train_cost, whole_process
 from benchmarks.memory import PeakMemory
 from harness.agents.encoding import encode, encode_example
 from harness.agents.loading import load_model, load_tokenizer
 from harness.agents.making import add_behavior_tokens, make_tiny
 from harness.agents.prompts import target
+from harness.agents.references import local_or_hub
 from harness.agents.scoring import label_scores
 from harness.agents.selection import Mode, Strategy, agent_prompt
 from harness.agents.tokens import TokenDesign
@@ -159,11 +165,15 @@ def main() -> None:
     lm_eval_compare.lm_eval_binary()  # missing: refused now, not after the other benchmarks
     if args.doc and not all(marker in Path(args.doc).read_text() for marker in DOC_BLOCK):
         raise SystemExit(f"{args.doc}: no {' ... '.join(DOC_BLOCK)} block for the results (or pass --doc '')")
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    # Whole processes first, before this driver starts its own Ray: each command starts (or joins) its own.
+    processes = whole_process.section(work / "whole-process")
+    endpoint = endpoint_compare.section(work / "endpoint")
+    cost = train_cost.section(work / "train-cost", local_or_hub("smollm2", "--smollm2")) if args.smollm2 else ""
     import ray
 
     ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
     # First, in a driver that has run nothing else, as `harness eval` runs. (Run last, its harness times were 1.3x
     # to 1.6x a standalone run's; the uncompiled bench extra, since compiled by the Makefile, explains at least most
     # of that: see docs/benchmarks.md, "Why `make bench` used to miss them".)
@@ -241,10 +251,19 @@ def main() -> None:
     lines = [
         provenance(time.perf_counter() - started),
         "",
-        "#### Against lm-evaluation-harness",
+        "#### Against lm-evaluation-harness, whole processes",
+        "",
+        processes,
+        "",
+        "#### Against lm-evaluation-harness, in one driver",
         "",
         compared,
         "",
+        "#### An endpoint agent against lm-evaluation-harness's `local-chat-completions`",
+        "",
+        endpoint,
+        "",
+        *(["#### Training cost", "", cost, ""] if cost else []),
         "#### Throughput against plain loops, and scaling",
         "",
         "| benchmark | result | ratio |",

@@ -1,7 +1,7 @@
 """Which agents share an evaluation actor, and what that actor asks Ray for (without Ray)."""
 
 from harness.evaluate.config import AgentSpec
-from harness.evaluate.hf import actor_demand, actor_groups
+from harness.evaluate.hf import actor_demand, actor_groups, replicas
 from harness.evaluate.runs import ResolvedAgent
 
 LAPTOP = [{"CPU": 2.0, "memory": 1e10}]
@@ -45,3 +45,15 @@ def test_gpu_agents_share_one_gpu_and_never_a_cpu_agents_actor():
     assert _names(actor_groups(quarter, gpu)) == [["a0", "a1", "a2", "a3"], ["a4", "a5"]]
     whole = _agents(*[{"num_cpus": 1, "num_gpus": 1}] * 2)
     assert _names(actor_groups(whole, [{"CPU": 16.0, "GPU": 2.0}])) == [["a0"], ["a1"]]  # one device per actor
+
+
+def test_replicas_fill_the_free_cpus_unless_an_agent_sets_them():
+    one = _agents({"num_cpus": 1})
+    assert replicas(actor_groups(one, LAPTOP), {"CPU": 2.0}) == [2]  # a lone agent no longer leaves a core idle
+    four = _agents(*[{"num_cpus": 0.5}] * 4)  # two shared actors already take both CPUs
+    assert replicas(actor_groups(four, LAPTOP), {"CPU": 2.0}) == [1, 1]
+    mixed = _agents({"num_cpus": 1, "replicas": 3}, {"num_cpus": 1}, {"num_cpus": 1})
+    assert replicas(actor_groups(mixed, [{"CPU": 8.0}]), {"CPU": 8.0}) == [3, 2, 2]  # 5 CPUs left for two
+    assert replicas(actor_groups(mixed, [{"CPU": 2.0}]), {"CPU": 2.0}) == [3, 1, 1]  # at least one each
+    gpu = _agents({"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1})
+    assert replicas(actor_groups(gpu, [{"CPU": 16.0, "GPU": 4.0}]), {"CPU": 16.0, "GPU": 4.0}) == [4, 12]

@@ -93,4 +93,4 @@ def test_every_shipped_config_opens_with_the_command_that_runs_it_and_loads(path
 
 
 def test_the_configs_are_one_directory():
-    assert len(SHIPPED) == 5 and not (REPO / "jobs" / "configs").exists()
+    assert len(SHIPPED) == 6 and not (REPO / "jobs" / "configs").exists()

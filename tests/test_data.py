@@ -145,3 +145,30 @@ def test_labels_are_not_keyed_on_the_request(tmp_path: Path):
     share = frame.assign(first_word=request)[lambda f: f["first_word"].isin(mixed[mixed > 1].index)]
     assert share["task_type"].isin(["proactive", "restraint"]).mean() > 0.5
     assert len(share) > 0.3 * len(frame)
+
+
+def test_bad_evidence_is_named_by_line_and_field(tmp_path: Path):
+    proactive = next(task for task in generate(40, seed=1) if task.task_type == "proactive").to_row()
+    rows = [
+        proactive,
+        {**proactive, "task_id": "t2", "evidence": "amlodipine"},
+        {**proactive, "task_id": "t3", "evidence": [["amlodipine"], []]},
+        {**proactive, "task_id": "t4", "evidence": [["amlodipine", " "]]},
+    ]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    problems = validate(path).problems
+    assert len(problems) == 3
+    assert problems[0].startswith(f"{path}:2: evidence: expected list"), problems[0]
+    assert problems[1].startswith(f"{path}:3: evidence[1]: expected a non-empty list"), problems[1]
+    assert problems[2].startswith(f"{path}:4: evidence[0]: every spelling must be non-empty"), problems[2]
+
+
+def test_every_mini_proactive_task_has_evidence_its_reference_meets():
+    from harness.results.content import grade
+
+    tasks = generate(600, seed=3)
+    proactive = [task for task in tasks if task.task_type == "proactive"]
+    assert proactive and all(task.evidence for task in proactive)
+    assert all(grade(task.reference, task.evidence, True) == "caught" for task in proactive)
+    assert not any(task.evidence for task in tasks if task.task_type != "proactive")

@@ -72,6 +72,22 @@ def test_the_first_tokens_logprobs_choose_the_behavior_and_every_row_says_so(tas
     server.stop()
 
 
+def test_a_choice_agent_that_intervened_is_asked_for_an_answer_to_grade(tasks, tmp_path, ray_local):
+    server = ChatServer()
+    out, usage = _predict(_agent(server.base_url, mode="zero_shot"), tasks, tmp_path / "responses", ray_local)
+    graded = [
+        kind == "proactive" and behavior == "proactive"
+        for kind, behavior in zip(tasks["task_type"], out["pred_behavior"], strict=True)
+    ]
+    assert any(graded) and not all(graded)
+    asked = [seen.body for seen in server.seen if "Reply with the letter" not in seen.body["messages"][-1]["content"]]
+    assert len(asked) == sum(graded) and usage["requests"] == 6 + sum(graded)
+    assert all("logprobs" not in body and body["max_tokens"] == EvalConfig.max_new_tokens for body in asked)
+    for answer, needed in zip(out["answer"], graded, strict=True):  # the others keep the letter they chose
+        assert answer == "<behavior:proactive> Caution: check this first." if needed else answer in ("A", "B")
+    server.stop()
+
+
 def test_a_server_that_ignores_logprobs_is_read_from_its_text(tasks, tmp_path, ray_local):
     server = ChatServer(logprobs=False)
     out, _ = _predict(_agent(server.base_url, mode="zero_shot"), tasks, tmp_path / "responses", ray_local)

@@ -1,5 +1,6 @@
 """Real Ray Data evaluations of agents on the tiny model, in parallel, with resume."""
 
+import json
 import os
 import shutil
 import signal
@@ -84,7 +85,10 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     zero = pd.read_parquet(next(p for p in finals if p.name.startswith("zero-shot")))
     assert set(zero.strategy) == {"choice"} and set(zero.pred_label) <= {"reactive", "proactive"}
     assert all(sorted(score_map(s)) == ["proactive", "reactive"] for s in zero.scores)
-    assert (zero.answer == "").all()  # a choice prompt asks for a letter: no answer is generated
+    graded = (zero.task_type == "proactive") & (zero.pred_behavior == "proactive")
+    assert graded.any()
+    assert (zero.answer[~graded] == "").all()  # a choice prompt asks for a letter: no answer is generated...
+    assert (zero.answer[graded] != "").all()  # ...except where it intervened on a proactive task: that is graded
     assert (bsft.case_id == bsft.task_id.map(dict(zip(tasks.task_id, tasks.case_id, strict=True)))).all()
     assert set(table.agent) == {"zero-shot", "bsft"}
     before = leaderboard.read(cfg.leaderboard)
@@ -167,6 +171,38 @@ def test_a_failing_agent_is_reported_in_one_line_and_the_others_are_recorded(
     finals = sorted(p.name.split("-")[0] for p in Path(cfg.output_dir).glob("*.parquet"))
     assert finals == ["bsft"]
     assert all(len(pd.read_parquet(p)) == 40 for p in Path(cfg.output_dir).glob("*.parquet"))
+
+
+def test_content_is_graded_by_evidence_and_by_a_judge(sample, tiny_model, behavior_model, tmp_path, ray_local):
+    from sklearn.metrics import cohen_kappa_score
+
+    judge = {"name": "tiny-judge", "model": str(tiny_model), "num_cpus": 0.5, "batch_size": 8}
+    values = _config(sample, tiny_model, behavior_model, tmp_path, part_size=16, judge=judge)
+    result = evaluate(config.build(EvalConfig, values))
+    assert result.failures == []
+    rows = result.metrics
+    for agent in ("zero-shot", "bsft"):
+        graded = rows[(rows.agent == agent) & (rows.grader != "")]
+        assert set(graded.grader) == {"evidence", "judge:tiny-judge"}
+        assert {"caught", "vague_or_wrong", "caught_diff", "caught_mcnemar_p"} <= set(graded.metric)
+        assert rows[(rows.agent == agent) & (rows.metric == "macro_f1")].grader.eq("").all()
+    out = Path(values["output_dir"])
+    grades = {path.name.split("-")[0]: pd.read_parquet(path) for path in out.glob("*.grades.parquet")}
+    assert sorted(grades) == ["bsft", "zero"]
+    pairs = []
+    for frame in grades.values():
+        assert set(frame.grade) <= {"caught", "wrong", "vague", "none"}
+        exact = frame[frame.grader == "evidence"].set_index("task_id").grade
+        judged = frame[frame.grader == "judge:tiny-judge"].set_index("task_id").grade
+        assert set(judged.index) == set(exact.index)
+        pairs.append(pd.DataFrame({"exact": exact, "judge": judged.loc[exact.index]}))
+    both = pd.concat(pairs)
+    saved = json.loads((out / "judge-tiny-judge.agreement.json").read_text())
+    assert saved["n"] == len(both)
+    assert saved["kappa"] == pytest.approx(cohen_kappa_score(both.exact, both.judge), nan_ok=True)
+    assert any("judge tiny-judge: Cohen's kappa" in note for note in result.notes)
+    table = leaderboard.ranking(rows)
+    assert set(table.grader) == {"evidence"} and table.caught.between(0, 1).all()
 
 
 def test_max_tasks_takes_the_first_tasks_by_id(sample, tiny_model, behavior_model, tmp_path, ray_local):

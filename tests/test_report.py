@@ -4,6 +4,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,9 @@ def evaluation(tmp_path_factory) -> dict[str, Path]:
     predictions = {agent: _predictions(tasks, agent, share, seed) for seed, (agent, share) in enumerate(AGENTS.items())}
     for agent, frame in predictions.items():
         write_parquet(root / "eval" / f"{agent}-run-{agent}.parquet", frame)
+    proactive = sorted(tasks[tasks.task_type == "proactive"].task_id)[:4]
+    grades = pd.DataFrame({"task_id": proactive, "grader": "evidence", "grade": ["none", "vague", "caught", "wrong"]})
+    write_parquet(root / "eval" / "behaviorsft-run-behaviorsft.grades.parquet", grades)
     scored = score_agents(predictions, samples=200)
     board = root / "leaderboard.parquet"
     dataset = fingerprint(data)
@@ -161,6 +165,21 @@ def test_report_renders_in_a_real_browser(evaluation, tmp_path: Path):
     assert (below.max(-1) < 100).sum() > 500  # the ranking's body rows: dark text under the header
     for colour in report.SIGNIFICANT.values():  # the paired matrix's significantly better and worse cells
         assert _mask(pixels, colour).sum() > 1000, colour
+
+
+def test_report_shows_an_example_of_each_content_grade_beside_the_reference(evaluation, tmp_path: Path):
+    out = tmp_path / "report.html"
+    run(_report_args(evaluation, out))
+    page = out.read_text()
+    section = page.split("<h2>What the interventions said</h2>")[1].split("<h2>")[0]
+    assert "behaviorsft <small>graded by evidence</small>" in section
+    assert "<h3>sft" not in section and "<h3>zero-shot" not in section  # only the agents that were graded
+    tasks = load_tasks(evaluation["data"], split="test").set_index("task_id")
+    proactive = sorted(tasks[tasks.task_type == "proactive"].index)[:4]
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td>", section)
+    assert rows == [("caught", proactive[2]), ("wrong", proactive[3]), ("vague", proactive[1]), ("none", proactive[0])]
+    reference = tasks.loc[proactive[2], "reference"]
+    assert html_escape(reference) in section
 
 
 def test_report_caps_the_samples_and_uses_each_agents_latest_run(evaluation, tmp_path: Path, capsys):

@@ -180,6 +180,15 @@ class Selector:
     def prompt(self, messages: list[dict[str, Any]]) -> Rendered:
         return agent_prompt(self.tokenizer, messages, self.mode, self.strategy, self.design, self.taxonomy)
 
+    def answer_prompt(self, messages: list[dict[str, Any]]) -> Rendered:
+        """The prompt an answer is generated from: the selection prompt without a `choice` question."""
+        strategy = Strategy.GENERATE if self.strategy is Strategy.CHOICE else self.strategy
+        return agent_prompt(self.tokenizer, messages, self.mode, strategy, self.design, self.taxonomy)
+
+    def answer(self, prompts: list[list[int]]) -> list[str]:
+        """Greedy answers of encoded answer prompts (one model batch)."""
+        return generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens)
+
     def select(self, prompts: list[list[int]]) -> list[Selection]:
         """The behavior of each encoded prompt (one model batch: the caller bounds its size)."""
         answers = [""] * len(prompts)

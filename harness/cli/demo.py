@@ -123,7 +123,7 @@ def _step(log: Callable[[str], None], number: int, title: str, work: Callable[[]
 
 def sharing_one_gpu(cfg: EvalConfig) -> EvalConfig:
     """`cfg` with its agents' actors (every replica) sharing one GPU equally."""
-    share = 1 / sum(agent.replicas for agent in cfg.agents)
+    share = 1 / sum(agent.replicas or 1 for agent in cfg.agents)
     return replace(cfg, agents=[replace(agent, num_gpus=share) for agent in cfg.agents])
 
 
@@ -205,6 +205,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, progress: Progr
             eval_cfg = sharing_one_gpu(eval_cfg)
         result = evaluate(eval_cfg, progress=progress and progress.evaluation)
         leaderboard.append(board, result.metrics)
+        for note in result.notes:
+            log(note)
         result.raise_failures(str(board))
         return eval_cfg
 

@@ -242,6 +242,8 @@ def evaluate(config: ConfigOption = None, overrides: OverridesArgument = None, a
     with quiet("eval"), progress_bars(console) as bars:
         result = run_evaluation(cfg, progress=bars.evaluation)
     leaderboard.append(cfg.leaderboard, result.metrics)
+    for note in result.notes:
+        console.print(note, highlight=False)
     result.raise_failures(cfg.leaderboard)
     print_frame(leaderboard.ranking(leaderboard.read(cfg.leaderboard)), title=f"leaderboard: {cfg.leaderboard}")
 

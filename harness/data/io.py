@@ -268,6 +268,7 @@ TASK_SCHEMA = pa.schema(
         ("split", pa.string()),
         ("hard", pa.bool_()),
         ("reference", pa.string()),
+        ("evidence", pa.list_(pa.list_(pa.string()))),
     ]
 )
 
@@ -280,9 +281,10 @@ def put_split(
     *,
     skip_bad_rows: bool = False,
     rejects_path: str | Path | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[list[ray.ObjectRef], list[str]]:
     """The valid tasks of `split` at `path` as Arrow blocks of `rows_per_block` rows in the Ray object store, and
-    their ids, in file order.
+    their ids, in file order; `on_row` sees each of them too.
 
     This process puts each block as its validating pass reads the rows (it holds one block at a time): no Ray
     task reads the data again. Refuses a file with bad rows unless `skip_bad_rows` (then they go to `rejects_path`).
@@ -301,6 +303,8 @@ def put_split(
         if row["split"] == split:
             rows.append(row)
             ids.append(row["task_id"])
+            if on_row is not None:
+                on_row(row)
             if len(rows) == rows_per_block:
                 put()
 

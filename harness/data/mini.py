@@ -260,6 +260,7 @@ class Draft:
     allergy_turn: str | None = "default"
     omit_lab: str | None = None
     extra_turns: list[str] = field(default_factory=list)
+    evidence: list[list[str]] = field(default_factory=list)  # what a correct intervention names (proactive)
 
     def turns(self, rng: random.Random, hard: bool) -> list[str]:
         case, s = self.case, self.case.scenario
@@ -371,12 +372,14 @@ def _missing(case: Case, rng: random.Random, hard: bool) -> Draft:
             f"Before ordering {drug.name}, kidney function is not documented; "
             "please check creatinine first because the dose depends on it.",
             omit_lab="creatinine",
+            evidence=[[drug.name], ["kidney", "renal", "creatinine", "eGFR"]],
         )
     return Draft(
         case,
         _order_request(rng, drug.order()),
         f"Before ordering {drug.name}, the allergy history is missing; please confirm allergies first.",
         allergy_turn=None,
+        evidence=[[drug.name], ["allerg"]],
     )
 
 
@@ -389,13 +392,17 @@ def _conflict(case: Case, rng: random.Random, hard: bool) -> Draft:
             f"Before we go on, the weight is recorded as both {case.weight} kg and {other} kg; "
             "please reconcile it before dosing."
         )
-        return Draft(case, _order_request(rng, drug.order()), reference, extra_turns=[turn])
+        weights = [[f"{case.weight} kg", f"{case.weight}kg"], [f"{other} kg", f"{other}kg"]]
+        return Draft(case, _order_request(rng, drug.order()), reference, extra_turns=[turn], evidence=weights)
     turn = f"{case.pharmacist}: The pharmacy record lists a {drug.allergy_class} allergy for this patient."
     reference = (
         f"Before we go on, the patient reports no drug allergies but the pharmacy lists a "
         f"{drug.allergy_class} allergy; please reconcile this before ordering {drug.name}."
     )
-    return Draft(replace(case, allergy=None), _order_request(rng, drug.order()), reference, extra_turns=[turn])
+    listed = [[drug.allergy_class], ["allerg"]]
+    return Draft(
+        replace(case, allergy=None), _order_request(rng, drug.order()), reference, extra_turns=[turn], evidence=listed
+    )
 
 
 def _error(case: Case, rng: random.Random, hard: bool) -> Draft:
@@ -406,6 +413,11 @@ def _error(case: Case, rng: random.Random, hard: bool) -> Draft:
         _order_request(rng, drug.order(wrong)),
         f"Please check the dose: {drug.name} {wrong} {drug.unit} is ten times the usual "
         f"{drug.dose} {drug.unit}; this looks like an error. Did you mean {drug.order()}?",
+        evidence=[
+            [drug.name],
+            [f"{wrong} {drug.unit}", f"{wrong}{drug.unit}"],
+            [f"{drug.dose} {drug.unit}", f"{drug.dose}{drug.unit}"],
+        ],
     )
 
 
@@ -416,6 +428,7 @@ def _risk(case: Case, rng: random.Random, hard: bool) -> Draft:
         _order_request(rng, drug.order()),
         f"Caution: the patient is allergic to {drug.allergy_class} drugs and {drug.name} is one. "
         f"Consider {alternative.order()} instead.",
+        evidence=[[drug.name], [drug.allergy_class]],
     )
 
 
@@ -426,6 +439,7 @@ def _ambiguity(case: Case, rng: random.Random, hard: bool) -> Draft:
         case,
         rng.choice(INCREASE_REQUESTS).format(what="blood pressure medicine", pos=case.possessive),
         f"Could you clarify which blood pressure medicine you mean: {two[0].name} or {two[1].name}?",
+        evidence=[[two[0].name], [two[1].name]],
     )
 
 
@@ -529,6 +543,7 @@ def generate(tasks: int = 3000, seed: int = 0, taxonomy: Taxonomy | None = None)
                     split=split,
                     hard=hard,
                     reference=draft.reference,
+                    evidence=draft.evidence,
                 )
             )
         index += 1

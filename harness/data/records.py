@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from harness.data.taxonomy import Taxonomy
@@ -29,13 +29,20 @@ class TaskRecord:
     split: str
     hard: bool = False
     reference: str = ""
+    # What a correct intervention must name (proactive tasks): requirements, each met by any of its spellings,
+    # e.g. [["amlodipine"], ["50 mg", "50mg"], ["5 mg", "5mg"]]. Empty: none known.
+    evidence: list[list[str]] = field(default_factory=list)
 
     def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+        """The task as a file row (`evidence` only when there is some)."""
+        row = asdict(self)
+        if not row["evidence"]:
+            del row["evidence"]
+        return row
 
 
 REQUIRED = ("task_id", "case_id", "category", "task_type", "messages", "gold_behavior", "split")
-OPTIONAL = {"hard": bool, "reference": str}
+OPTIONAL = {"hard": bool, "reference": str, "evidence": list}
 STRING_FIELDS = ("task_id", "case_id", "category", "task_type", "gold_behavior", "split")
 
 
@@ -64,6 +71,18 @@ def _check_messages(messages: object) -> list[tuple[str, str]]:
     return problems
 
 
+def _check_evidence(evidence: list) -> list[tuple[str, str]]:
+    """Problems of an `evidence` value: a list of requirements, each a non-empty list of non-empty spellings."""
+    problems = []
+    for i, requirement in enumerate(evidence):
+        where = f"evidence[{i}]"
+        if not isinstance(requirement, list) or not requirement:
+            problems.append((where, f"expected a non-empty list of spellings, got {requirement!r}"))
+        elif not all(isinstance(spelling, str) and spelling.strip() for spelling in requirement):
+            problems.append((where, f"every spelling must be non-empty text, got {requirement!r}"))
+    return problems
+
+
 def check_row(row: dict[str, Any], taxonomy: Taxonomy) -> list[tuple[str, str]]:
     """All problems of one row as (field, message); empty when the row is a valid task."""
     problems = [(name, "missing field") for name in REQUIRED if row.get(name) is None]
@@ -77,6 +96,8 @@ def check_row(row: dict[str, Any], taxonomy: Taxonomy) -> list[tuple[str, str]]:
             problems.append((name, f"expected {kind.__name__}, got {type(value).__name__}"))
     if row.get("messages") is not None:
         problems += _check_messages(row["messages"])
+    if isinstance(row.get("evidence"), list):
+        problems += _check_evidence(row["evidence"])
     category = row.get("category")
     if isinstance(category, str) and category:
         if category not in taxonomy.categories:
@@ -110,4 +131,5 @@ def normalize_row(row: dict[str, Any]) -> dict[str, Any]:
         "split": row["split"],
         "hard": bool(row.get("hard") or False),
         "reference": row.get("reference") or "",
+        "evidence": [list(requirement) for requirement in row.get("evidence") or []],
     }

@@ -79,7 +79,7 @@ class AgentSpec:
     mode: Mode = Mode.ZERO_SHOT
     strategy: Strategy | None = None  # behavior_token, generate or choice; None: the mode's default
     design: TokenDesign | None = None  # behaviorsft: read from the model directory when absent (endpoint: default)
-    replicas: int = 1
+    replicas: int | None = None  # actors; None: as many as the cluster's free CPUs (GPUs) allow (hf), else 1
     num_cpus: float | None = None  # per actor; None: 1, or 0.25 for an endpoint agent (it waits on the network)
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {node_b: 1}
@@ -111,7 +111,8 @@ class AgentSpec:
             raise ValueError('backend: vllm is not installed (pip install -e ".[vllm]" on a GPU node)')
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {list(DTYPES)}")
-        check_range("replicas", self.replicas, low=1)
+        if self.replicas is not None:
+            check_range("replicas", self.replicas, low=1)
         check_range("batch_size", self.batch_size, low=1)
         check_range("num_cpus", self.num_cpus, above=0)
         check_range("num_gpus", self.num_gpus, low=0)
@@ -131,6 +132,8 @@ class EvalConfig:
     runs_dir: str = "artifacts/runs"
     leaderboard: str = "results/leaderboard.parquet"  # a local file, or an object such as s3://bucket/lb.parquet
     answers: bool = True  # also generate answers for behavior-token agents
+    content: bool = True  # generate answers on proactive tasks for every agent, and grade what they name
+    judge: AgentSpec | None = None  # a model that grades those answers against the reference (data without evidence)
     max_new_tokens: int = 32
     max_prompt_tokens: int = 1024
     bootstrap: int = 1000
@@ -149,5 +152,9 @@ class EvalConfig:
             check_range(key, getattr(self, key), low=low)
         if self.max_tasks is not None:
             check_range("max_tasks", self.max_tasks, low=1)
+        if self.judge is not None and self.judge.name in names:
+            raise ValueError(f"judge: name: {self.judge.name!r} is an agent's name too")
+        if self.judge is not None and self.judge.backend == "vllm":
+            raise ValueError("judge: backend: a judge is an hf or an endpoint agent")
         if self.split not in SPLITS:
             raise ValueError(f"split: {self.split!r} is not one of {list(SPLITS)}")

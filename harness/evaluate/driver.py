@@ -12,7 +12,7 @@ failing is reported with its root cause; the others finish and are recorded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +26,27 @@ from harness.data.io import PREP_CPUS, fingerprint, put_split
 from harness.data.taxonomy import Taxonomy, load_taxonomy
 from harness.evaluate.config import EvalConfig
 from harness.evaluate.endpoint import BUDGET, EndpointPredictor, Ledger
-from harness.evaluate.hf import BATCH_TRIES, AgentPredictor, actor_demand, actor_groups
+from harness.evaluate.grading import PROACTIVE_COLUMNS, content_metrics, exact_grades, proactive_frame
+from harness.evaluate.hf import BATCH_TRIES, AgentPredictor, actor_demand, actor_groups, replicas
+from harness.evaluate.judge import EndpointJudge, LocalJudge, agreement, write_agreement
 from harness.evaluate.runs import ResolvedAgent, resolve_agents
 from harness.results import leaderboard
+from harness.results.content import EVIDENCE
 from harness.results.metrics import score_agents, slice_name
-from harness.results.predictions import ERROR, PredictionStore, readout_summary
+from harness.results.predictions import ERROR, PredictionStore, agreement_file, readout_summary
 from harness.results.run_record import run_record, save_record
 from harness.results.tracking import open_run
 
 
-def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
-    """The split's tasks (the first `max_tasks` by task_id) in the object store, in parts, and their ids."""
+def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location, proactive: list[dict[str, Any]]):
+    """The split's tasks (the first `max_tasks` by task_id) in the object store, in parts, and their ids; its
+    proactive tasks are added to `proactive` (what grading their answers needs)."""
     import ray.data
     from ray.data.expressions import col
+
+    def keep(row: dict[str, Any]) -> None:
+        if row["task_type"] == "proactive":
+            proactive.append({key: row[key] for key in PROACTIVE_COLUMNS})
 
     with out.local_dir() as scratch:  # skipped bad rows are written to `out`
         blocks, ids = put_split(
@@ -48,6 +56,7 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
             taxonomy,
             skip_bad_rows=cfg.skip_bad_rows,
             rejects_path=scratch / "rejects.jsonl",
+            on_row=keep,
         )
     if not ids:
         raise ConfigError(f"{cfg.data}: no tasks in split {cfg.split!r}")
@@ -63,6 +72,7 @@ def _planned_tasks(cfg: EvalConfig, taxonomy: Taxonomy, out: Location):
 class EvalResult:
     metrics: pd.DataFrame  # tidy leaderboard rows of the agents that finished (harness.results.leaderboard.COLUMNS)
     failures: list[str]  # one line per agent that failed; its traceback is logged beside its predictions
+    notes: list[str] = field(default_factory=list)  # lines for people: a judge's agreement with the exact check
 
     def raise_failures(self, recorded: str) -> None:
         """HarnessError naming every failed agent, once the others are `recorded` (e.g. the leaderboard path)."""
@@ -88,7 +98,8 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     connect(cfg.address)
     models = {f"agent {a.spec.name}: model": a.model_path for a in agents}
     check_reachable({"data": cfg.data, "taxonomy": cfg.taxonomy, **models})
-    tasks, planned = _planned_tasks(cfg, taxonomy, out)
+    proactive: list[dict[str, Any]] = []
+    tasks, planned = _planned_tasks(cfg, taxonomy, out, proactive)
 
     pipelines, remaining, done = [], {}, {}
     for agent in agents:
@@ -121,7 +132,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
                     "responses": stores[name].responses,
                 },
                 batch_size=cfg.part_size,
-                compute=ray.data.ActorPoolStrategy(size=agent.spec.replicas),
+                compute=ray.data.ActorPoolStrategy(size=agent.spec.replicas or 1),
                 num_cpus=agent.spec.num_cpus,
                 resources=agent.spec.resources,
                 max_restarts=BATCH_TRIES,
@@ -129,7 +140,8 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
             )
         )
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    for group in actor_groups([a for a in agents if a.spec.name in done and a.spec.backend == "hf"], nodes):
+    groups = actor_groups([a for a in agents if a.spec.name in done and a.spec.backend == "hf"], nodes)
+    for group, count in zip(groups, replicas(groups, ray.available_resources()), strict=True):
         demand = actor_demand(group)
         # No Ray Data operator between the materialized tasks and the actors: a task of one could wait forever
         # for CPUs the actors hold.
@@ -142,7 +154,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
                     "done": {a.spec.name: done[a.spec.name] for a in group},
                 },
                 batch_size=cfg.part_size,
-                compute=ray.data.ActorPoolStrategy(size=group[0].spec.replicas),
+                compute=ray.data.ActorPoolStrategy(size=count),
                 num_cpus=demand.pop("CPU"),
                 num_gpus=demand.pop("GPU"),
                 resources=demand,
@@ -181,6 +193,11 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     # Each agent's metrics, and its paired comparisons with every other agent of this job (same tasks).
     frames = {a.spec.name: stores[a.spec.name].read() for a in finished}
     scored = score_agents(frames, samples=cfg.bootstrap)
+    notes: list[str] = []
+    if cfg.content:
+        graded = _grades(cfg, finished, frames, stores, proactive_frame(proactive), out, notes)
+        content = content_metrics(graded, cfg.bootstrap)
+        scored = {name: pd.concat([rows, content.get(name)], ignore_index=True) for name, rows in scored.items()}
     metrics = []
     for agent in finished:
         metrics.append(
@@ -201,7 +218,115 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         record_evaluation(
             cfg, agent, dataset_id, scored[agent.spec.name], stores[agent.spec.name], usage.get(agent.spec.name)
         )
-    return EvalResult(table, list(failures.values()))
+    return EvalResult(table, list(failures.values()), notes)
+
+
+def _grades(
+    cfg: EvalConfig,
+    agents: list[ResolvedAgent],
+    frames: dict[str, pd.DataFrame],
+    stores: dict[str, PredictionStore],
+    tasks: pd.DataFrame,
+    out: Location,
+    notes: list[str],
+) -> dict[str, dict[str, pd.DataFrame]]:
+    """Each agent's content grades by grader: the exact check where tasks have evidence and, with a judge, the
+    judge's; saved beside its predictions. A judge's agreement with the exact check goes to `notes`."""
+    grades = {agent.spec.name: {EVIDENCE: exact_grades(frames[agent.spec.name], tasks)} for agent in agents}
+    if cfg.judge is not None:
+        judge = resolve_agents(replace(cfg, agents=[cfg.judge], judge=None), "", load_taxonomy(cfg.taxonomy))[0]
+        grader = f"judge:{judge.spec.name}"
+        judged = _judge(cfg, judge, agents, frames, stores, tasks, grader)
+        for name, frame in judged.items():
+            grades[name][grader] = frame
+        exact = pd.concat([g[EVIDENCE].assign(agent=n) for n, g in grades.items()], ignore_index=True)
+        pooled = pd.concat([frame.assign(agent=n) for n, frame in judged.items()], ignore_index=True)
+        both = exact.merge(pooled, on=["agent", "task_id"], suffixes=("_exact", "_judge"))
+        if len(both):
+            result = agreement(both["grade_exact"], both["grade_judge"])
+            write_agreement(agreement_file(out, judge.spec.name), judge.spec.name, result)
+            notes.append(
+                f"judge {judge.spec.name}: Cohen's kappa {result['kappa']:.3f} with the exact check on {result['n']} "
+                f"graded answers ({agreement_file(out, judge.spec.name)})"
+            )
+    for name, by_grader in grades.items():
+        saved = [frame.assign(grader=grader)[["task_id", "grader", "grade"]] for grader, frame in by_grader.items()]
+        stores[name].grades.write_parquet(pd.concat(saved, ignore_index=True))
+    return grades
+
+
+def _judge(
+    cfg: EvalConfig,
+    judge: ResolvedAgent,
+    agents: list[ResolvedAgent],
+    frames: dict[str, pd.DataFrame],
+    stores: dict[str, PredictionStore],
+    tasks: pd.DataFrame,
+    grader: str,
+) -> dict[str, pd.DataFrame]:
+    """The judge's grade of each agent's answers on proactive tasks (task_id, case_id, hard, grade): `none` where
+    the agent did not intervene, the judge's where it did (grades it gave this agent run before are kept)."""
+    import ray
+
+    asked, judged = [], {}
+    for agent in agents:
+        name = agent.spec.name
+        answered = frames[name][frames[name]["answer"].notna()][["task_id", "pred_behavior", "answer"]]
+        rows = answered.merge(tasks[["task_id", "case_id", "hard", "messages", "reference"]], on="task_id")
+        known = _saved_grades(stores[name], grader)
+        rows = rows.assign(
+            grade=[
+                known.get(t, "none" if b != "proactive" else "")
+                for t, b in zip(rows["task_id"], rows["pred_behavior"], strict=True)
+            ]
+        )
+        judged[name] = rows
+        asked.append(rows[rows["grade"] == ""].assign(agent=name))
+    todo = pd.concat(asked, ignore_index=True)[["agent", "task_id", "messages", "reference", "answer"]]
+    if len(todo):
+        dataset = ray.data.from_pandas(todo)
+        spec = judge.spec
+        if spec.backend == "endpoint":
+            ledger = ray.remote(num_cpus=0)(Ledger).remote(
+                spec.endpoint.requests_per_s, spec.endpoint.max_requests, spec.endpoint.max_tokens
+            )
+            responses = location(cfg.output_dir, "output_dir").child(f"judge-{spec.name}").child("responses")
+            callable_, kwargs = (
+                EndpointJudge,
+                {"settings": spec.endpoint, "model": spec.model, "ledger": ledger, "responses": responses},
+            )
+        else:
+            callable_ = LocalJudge
+            kwargs = {
+                "path": judge.model_path,
+                "dtype": spec.dtype,
+                "trust_remote_code": spec.trust_remote_code,
+                "max_prompt_tokens": cfg.max_prompt_tokens,
+                "batch_size": spec.batch_size,
+            }
+        graded = dataset.map_batches(
+            callable_,
+            fn_constructor_kwargs=kwargs,
+            batch_size=cfg.part_size,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus,
+        ).to_pandas()
+        failed = graded[graded["error"] != ""]
+        if len(failed):
+            raise HarnessError(f"judge {spec.name}: {failed['error'].iloc[0].splitlines()[-1]}")
+        new = {(a, t): g for a, t, g in graded[["agent", "task_id", "grade"]].itertuples(index=False)}
+        for name, rows in judged.items():
+            rows["grade"] = [g or new.get((name, t), "") for t, g in zip(rows["task_id"], rows["grade"], strict=True)]
+    return {name: rows[rows["grade"] != ""][["task_id", "case_id", "hard", "grade"]] for name, rows in judged.items()}
+
+
+def _saved_grades(store: PredictionStore, grader: str) -> dict[str, str]:
+    """The grades `grader` gave this agent run before (task_id -> grade)."""
+    if not store.grades.exists():
+        return {}
+    saved = store.grades.read_parquet()
+    return dict(saved[saved["grader"] == grader][["task_id", "grade"]].itertuples(index=False))
 
 
 def record_evaluation(

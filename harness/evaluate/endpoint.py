@@ -35,6 +35,7 @@ from harness.agents.selection import Strategy, framing, read_answer, read_choice
 from harness.core.storage import Location
 from harness.data.taxonomy import Taxonomy, load_taxonomy
 from harness.evaluate.config import EndpointSettings, EvalConfig
+from harness.evaluate.grading import needs_answer
 from harness.evaluate.runs import ResolvedAgent
 from harness.results.predictions import Prediction, prediction_batch, scores_column
 
@@ -204,23 +205,30 @@ class Reader:
         return Reading(behavior, label, None, "text"), text
 
 
-def chat_messages(agent: ResolvedAgent, messages: list[dict[str, Any]], taxonomy: Taxonomy) -> list[dict[str, str]]:
+def chat_messages(
+    agent: ResolvedAgent, messages: list[dict[str, Any]], taxonomy: Taxonomy, answering: bool = False
+) -> list[dict[str, str]]:
     """The conversation as it is sent: the agent's system note and choice question included, as `agent_prompt`
-    renders them for a local model."""
+    renders them for a local model (`answering`: without the question, for an answer whose content is graded)."""
     note, question = framing(agent.spec.mode, agent.spec.strategy, agent.design, taxonomy)
-    return conversation([*messages, *([{"role": "user", "content": question}] if question else [])], note)
+    asked = [{"role": "user", "content": question}] if question and not answering else []
+    return conversation([*messages, *asked], note)
 
 
-def request_body(agent: ResolvedAgent, messages: list[dict[str, str]], max_new_tokens: int) -> dict[str, Any]:
+def request_body(
+    agent: ResolvedAgent, messages: list[dict[str, str]], max_new_tokens: int, answering: bool = False
+) -> dict[str, Any]:
+    """A chat-completions request: the choice's few tokens with the readout's log-probabilities, or an answer."""
     settings: EndpointSettings = agent.spec.endpoint
+    choosing = agent.spec.strategy is Strategy.CHOICE and not answering
     body: dict[str, Any] = {
         "model": agent.spec.model,
         "messages": messages,
-        "max_tokens": CHOICE_TOKENS if agent.spec.strategy is Strategy.CHOICE else max_new_tokens,
+        "max_tokens": CHOICE_TOKENS if choosing else max_new_tokens,
         "temperature": 0.0,
         "seed": settings.seed,
     }
-    if settings.readout != "text" and agent.spec.strategy is not Strategy.GENERATE:
+    if settings.readout != "text" and agent.spec.strategy is not Strategy.GENERATE and not answering:
         body.update(logprobs=True, top_logprobs=settings.top_logprobs)
     return {**body, **settings.extra_body}
 
@@ -250,25 +258,54 @@ def backoff(attempt: int) -> float:
     return min(BACKOFF_MAX_S, BACKOFF_S * 2**attempt) * random.uniform(0.5, 1.0)
 
 
-class EndpointPredictor:
-    """Ray Data callable class: one endpoint agent's predictions for each batch of tasks it has none for yet, with
-    `concurrency` requests in flight. A failure that retrying cannot mend (a wrong key, an unknown model, a
-    malformed answer) stops the agent: its remaining rows carry the one-line error, as the `hf` backend's do."""
+class EndpointClient:
+    """One endpoint agent's requests from one actor: its key, its event loop's client, retries paced and counted by
+    the agent's ledger, and the response cache. A failure that retrying cannot mend stops it (`stopped`)."""
 
-    def __init__(self, agent: ResolvedAgent, cfg: EvalConfig, done: set[str], ledger: Any, responses: Location):
-        self.agent, self.cfg, self.done, self.ledger = agent, cfg, done, ledger
-        self.settings: EndpointSettings = agent.spec.endpoint
-        self.taxonomy = load_taxonomy(cfg.taxonomy)
-        self.reader = Reader(agent, self.taxonomy)
-        self.where = f"endpoint {self.settings.base_url}"
-        name = self.settings.api_key_env
+    def __init__(self, settings: EndpointSettings, ledger: Any, responses: Location):
+        self.settings, self.ledger = settings, ledger
+        self.where = f"endpoint {settings.base_url}"
+        name = settings.api_key_env
         self.secret = os.environ.get(name) if name else None
-        self.stopped = ""  # set once a failure retrying cannot mend stops the agent
+        self.stopped = ""
         if name and not self.secret:
             self.stopped = f"EndpointError: ${name} is not set on this node (the key is read from its environment)"
         self.cache = ResponseCache(responses)
         self.loop = asyncio.new_event_loop()
         self.client: Any = None
+
+    def run(self, work: Any) -> Any:
+        """Run a coroutine on this client's event loop; then upload what an object store has not seen."""
+        result = self.loop.run_until_complete(work)
+        self.cache.flush()
+        return result
+
+    def failed(self, exc: EndpointError) -> str:
+        """The one line of a failure (scrubbed of the key); any but a spent budget stops this client."""
+        message = scrub(str(exc), self.secret)
+        if message == BUDGET:
+            return message
+        if not self.stopped:
+            self.stopped = f"EndpointError: {self.where}: {message}"
+            self.count(failed=1)
+        return self.stopped
+
+    async def complete(self, body: dict[str, Any], check: Any = None) -> dict[str, Any]:
+        """The completion of `body`: from the cache, else from the server (kept once `check` accepts it)."""
+        key = request_key(self.settings.base_url, body)
+        completion = self.cache.get(key)
+        if completion is not None:
+            self.count(cached=1)
+            return completion
+        completion = await self._send(body)
+        if check is not None:
+            check(completion)  # a completion that cannot be read is not kept
+        self.cache.add(key, completion)
+        return completion
+
+    def count(self, **spent: int) -> None:
+        """Tell the ledger what was spent, as it is spent: its token budget sees each response."""
+        self.ledger.record.remote(spent)
 
     def _client(self) -> Any:
         from openai import AsyncOpenAI
@@ -281,62 +318,6 @@ class EndpointPredictor:
                 max_retries=0,  # retried here, where each try is counted and paced by the ledger
             )
         return self.client
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        index = [i for i, task in enumerate(batch["task_id"]) if task not in self.done]
-        rows = {key: [column[i] for i in index] for key, column in batch.items()}
-        predictions = self.loop.run_until_complete(self._predict_all(rows))
-        self.cache.flush()
-        return prediction_batch(rows, self.agent.spec.name, predictions)
-
-    async def _predict_all(self, rows: dict[str, list]) -> list[Prediction]:
-        gate = asyncio.Semaphore(self.settings.concurrency)
-
-        async def one(messages: list[dict[str, Any]]) -> Prediction:
-            async with gate:
-                return await self._predict(messages)
-
-        return list(await asyncio.gather(*(one(list(m)) for m in rows["messages"])))
-
-    async def _predict(self, messages: list[dict[str, Any]]) -> Prediction:
-        strategy = self.agent.spec.strategy.value
-        sent = chat_messages(self.agent, messages, self.taxonomy)
-        prediction = Prediction(strategy, prompt=json.dumps(sent, ensure_ascii=False), chat_template_sha256="")
-        if self.stopped:
-            return replace(prediction, error=self.stopped)
-        body = request_body(self.agent, sent, self.cfg.max_new_tokens)
-        key = request_key(self.settings.base_url, body)
-        began = time.perf_counter()
-        try:
-            completion = self.cache.get(key)
-            if completion is None:
-                completion = await self._send(body)
-                reading, text = self.reader.read(completion)  # a completion that cannot be read is not kept
-                self.cache.add(key, completion)
-            else:
-                self._count(cached=1)
-                reading, text = self.reader.read(completion)
-        except EndpointError as exc:
-            message = scrub(str(exc), self.secret)
-            if message != BUDGET:
-                self.stopped = self.stopped or f"EndpointError: {self.where}: {message}"
-                self._count(failed=1)
-            return replace(prediction, error=self.stopped or message)
-        usage = completion.get("usage") or {}
-        return replace(
-            prediction,
-            prompt_tokens=usage.get("prompt_tokens"),
-            pred_behavior=reading.behavior,
-            pred_label=reading.label,
-            scores=scores_column(list(reading.scores), list(reading.scores.values())) if reading.scores else None,
-            answer=text,
-            latency_ms=(time.perf_counter() - began) * 1000,
-            readout=reading.readout,
-        )
-
-    def _count(self, **spent: int) -> None:
-        """Tell the agent's ledger what was spent, as it is spent: its token budget sees each response."""
-        self.ledger.record.remote(spent)
 
     async def _send(self, body: dict[str, Any]) -> dict[str, Any]:
         """One completion, tried up to `1 + max_retries` times; EndpointError when it cannot be had."""
@@ -373,16 +354,89 @@ class EndpointPredictor:
                 if not isinstance(response, dict):
                     raise EndpointError("answered with a body that is not a JSON object")
                 usage = response.get("usage") or {}
-                self._count(
+                self.count(
                     answered=1,
                     prompt_tokens=int(usage.get("prompt_tokens") or 0),
                     completion_tokens=int(usage.get("completion_tokens") or 0),
                 )
                 return response
             if attempt + 1 < tries:
-                self._count(retries=1)
+                self.count(retries=1)
                 await asyncio.sleep(backoff(attempt) if delay is None else delay)
         raise EndpointError(problem)
+
+
+def completion_text(completion: dict[str, Any]) -> str:
+    """The first choice's message text ("" without one)."""
+    choices = completion.get("choices") or [{}]
+    return ((choices[0] or {}).get("message") or {}).get("content") or ""
+
+
+class EndpointPredictor:
+    """Ray Data callable class: one endpoint agent's predictions for each batch of tasks it has none for yet, with
+    `concurrency` requests in flight. A failure that retrying cannot mend (a wrong key, an unknown model, a
+    malformed answer) stops the agent: its remaining rows carry the one-line error, as the `hf` backend's do."""
+
+    def __init__(self, agent: ResolvedAgent, cfg: EvalConfig, done: set[str], ledger: Any, responses: Location):
+        self.agent, self.cfg, self.done = agent, cfg, done
+        self.taxonomy = load_taxonomy(cfg.taxonomy)
+        self.reader = Reader(agent, self.taxonomy)
+        self.client = EndpointClient(agent.spec.endpoint, ledger, responses)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        index = [i for i, task in enumerate(batch["task_id"]) if task not in self.done]
+        rows = {key: [column[i] for i in index] for key, column in batch.items()}
+        predictions = self.client.run(self._predict_all(rows))
+        return prediction_batch(rows, self.agent.spec.name, predictions)
+
+    async def _predict_all(self, rows: dict[str, list]) -> list[Prediction]:
+        gate = asyncio.Semaphore(self.agent.spec.endpoint.concurrency)
+
+        async def one(messages: list[dict[str, Any]], kind: str) -> Prediction:
+            async with gate:
+                prediction = await self._predict(messages)
+                if self.cfg.content and needs_answer(kind, prediction):
+                    prediction = await self._answer(messages, prediction)
+                return prediction
+
+        tasks = zip(rows["messages"], rows["task_type"], strict=True)
+        return list(await asyncio.gather(*(one(list(messages), kind) for messages, kind in tasks)))
+
+    async def _predict(self, messages: list[dict[str, Any]]) -> Prediction:
+        strategy = self.agent.spec.strategy.value
+        sent = chat_messages(self.agent, messages, self.taxonomy)
+        prediction = Prediction(strategy, prompt=json.dumps(sent, ensure_ascii=False), chat_template_sha256="")
+        if self.client.stopped:
+            return replace(prediction, error=self.client.stopped)
+        began = time.perf_counter()
+        try:
+            completion = await self.client.complete(
+                request_body(self.agent, sent, self.cfg.max_new_tokens), check=self.reader.read
+            )
+            reading, text = self.reader.read(completion)
+        except EndpointError as exc:
+            return replace(prediction, error=self.client.failed(exc))
+        usage = completion.get("usage") or {}
+        return replace(
+            prediction,
+            prompt_tokens=usage.get("prompt_tokens"),
+            pred_behavior=reading.behavior,
+            pred_label=reading.label,
+            scores=scores_column(list(reading.scores), list(reading.scores.values())) if reading.scores else None,
+            answer=text,
+            latency_ms=(time.perf_counter() - began) * 1000,
+            readout=reading.readout,
+        )
+
+    async def _answer(self, messages: list[dict[str, Any]], prediction: Prediction) -> Prediction:
+        """`prediction` with an answer whose content can be graded (a `choice` agent's 4 tokens are a letter)."""
+        sent = chat_messages(self.agent, messages, self.taxonomy, answering=True)
+        try:
+            body = request_body(self.agent, sent, self.cfg.max_new_tokens, answering=True)
+            completion = await self.client.complete(body)
+        except EndpointError as exc:
+            return replace(prediction, error=self.client.failed(exc))
+        return replace(prediction, answer=completion_text(completion))
 
 
 def _cause(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ from harness.agents.selection import Selector, Strategy, chat_template_sha256
 from harness.core.errors import ConfigError
 from harness.data.taxonomy import load_taxonomy
 from harness.evaluate.config import EvalConfig
+from harness.evaluate.grading import needs_answer
 from harness.evaluate.runs import ResolvedAgent
 from harness.results.predictions import Prediction, prediction_batch, scores_column
 
@@ -129,7 +130,24 @@ class AgentPredictor:
                         else None,
                         answer=chosen.answer,
                     )
+        if self.cfg.content:
+            self._answer_proactive(selector, batch, predictions, spec.batch_size)
         return prediction_batch(batch, name, predictions)
+
+    def _answer_proactive(
+        self, selector: Selector, batch: dict[str, list], predictions: list[Prediction], batch_size: int
+    ) -> None:
+        """Answers, for their content to be graded, on the proactive tasks where the agent intervened without one (a
+        `choice` agent, or a behavior-token agent without `answers`), generated from the prompt without a choice
+        question."""
+        need = [i for i, kind in enumerate(batch["task_type"]) if needs_answer(kind, predictions[i])]
+        limit, tokenizer = self.cfg.max_prompt_tokens, selector.tokenizer
+        prompts = {i: encode_prompt(tokenizer, selector.answer_prompt(list(batch["messages"][i])), limit) for i in need}
+        order = sorted(need, key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), batch_size):
+            group = order[start : start + batch_size]
+            for i, answer in zip(group, selector.answer([prompts[i] for i in group]), strict=True):
+                predictions[i] = replace(predictions[i], answer=answer)
 
 
 def actor_demand(group: list[ResolvedAgent]) -> dict[str, float]:
@@ -166,3 +184,17 @@ def actor_groups(agents: list[ResolvedAgent], nodes: list[dict[str, float]]) -> 
             latest[key] = [agent]
             groups.append(latest[key])
     return groups
+
+
+def replicas(groups: list[list[ResolvedAgent]], free: dict[str, float]) -> list[int]:
+    """Each group's actors: what its agents set, else as many as fill the `free` GPUs (a GPU group) or CPUs left by
+    the other groups, shared evenly by the groups that set none (at least one each)."""
+    kinds = ["GPU" if actor_demand(group)["GPU"] else "CPU" for group in groups]
+    counts: list[int | None] = [group[0].spec.replicas for group in groups]
+    for kind in ("GPU", "CPU"):  # GPU groups first: their actors' CPUs are not free for the others
+        open_ = [i for i, count in enumerate(counts) if count is None and kinds[i] == kind]
+        taken = sum(actor_demand(groups[i])[kind] * count for i, count in enumerate(counts) if count is not None)
+        wanted = sum(actor_demand(groups[i])[kind] for i in open_)
+        for i in open_:
+            counts[i] = max(1, int((free.get(kind, 0.0) - taken) // wanted)) if wanted else 1
+    return [int(count) for count in counts]

@@ -50,6 +50,7 @@ def resolve_agents(cfg: EvalConfig, dataset_id: str, taxonomy: Taxonomy) -> list
                 cfg.split,
                 cfg.max_tasks,
                 cfg.answers,
+                cfg.content,
                 cfg.max_new_tokens,
                 cfg.max_prompt_tokens,
                 list(COLUMNS),  # predictions with other columns are another run's

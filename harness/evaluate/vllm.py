@@ -151,7 +151,7 @@ def vllm_pipeline(tasks: ray.data.Dataset, agent: ResolvedAgent, cfg: EvalConfig
             "trust_remote_code": spec.trust_remote_code,
         },
         batch_size=spec.batch_size,
-        concurrency=spec.replicas,
+        concurrency=spec.replicas or 1,
         should_continue_on_error=True,
         chat_template_stage=False,  # prompts arrive rendered and tokenized, exactly as on the hf backend
         tokenize_stage=False,

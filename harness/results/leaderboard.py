@@ -39,6 +39,7 @@ COLUMNS = [
     "slice_kind",
     "slice_value",
     "metric",
+    "grader",
     "value",
     "stderr",
     "ci_low",
@@ -57,8 +58,23 @@ RANK_COLUMNS = {  # ranking column: (subset, slice_kind, slice_value, metric) of
     "hard": ("hard", OVERALL, "", "macro_f1"),
 }
 KEY = ["subset", "slice_kind", "slice_value", "metric"]  # what one metrics row of an agent run is
-TABLE_COLUMNS = ["rank", "agent", "mode", "design", "overall", "overall_ci", *list(RANK_COLUMNS)[1:], "readout"]
-ADDED = {"readout": ""}  # columns added since the first leaderboards, and what an older one's rows hold
+CONTENT_COLUMNS = {  # ranking column: (subset, slice_kind, slice_value, metric) of a grader's content rows
+    "caught": ("all", "task_type", "proactive", "caught"),
+    "vague_or_wrong": ("all", "task_type", "proactive", "vague_or_wrong"),
+}
+TABLE_COLUMNS = [
+    "rank",
+    "agent",
+    "mode",
+    "design",
+    "overall",
+    "overall_ci",
+    *list(RANK_COLUMNS)[1:],
+    "readout",
+    *CONTENT_COLUMNS,
+    "grader",
+]
+ADDED = {"readout": "", "grader": ""}  # columns added since the first leaderboards, and what older rows hold
 COLUMN_HELP = {
     "rank": "position by overall Macro F1; a repeated rank is a tie: the paired 95% bootstrap interval of the "
     "Macro F1 difference to the agent just above includes 0",
@@ -75,6 +91,11 @@ COLUMN_HELP = {
     "hard": "Macro F1 of behavior selection on the BehaviorBench-Hard subset",
     "readout": "how the behavior was read: logprobs (label log-probabilities) or text (the generated answer, by its "
     "behavior token, option letter or the answer rule); both, with counts, when an endpoint gave some of each",
+    "caught": "proactive tasks: share where the agent intervened and its answer named the problem",
+    "vague_or_wrong": "proactive tasks where the agent intervened: share where its answer named something else or "
+    "nothing specific",
+    "grader": "who graded caught and vague_or_wrong: evidence (the exact check of the task's evidence) or judge:NAME "
+    "(a judge model against the reference answer)",
 }
 CHART_SERIES = {  # ranking column: legend label of its bar
     "reactive": "reactive: stayed on task",
@@ -98,6 +119,7 @@ def with_metadata(
     """Metrics rows from `harness.results.metrics.score` with the run's identity columns, in leaderboard order."""
     identity = {"run_id": run_id, "agent": agent, "model": model, "mode": mode, "design": design}
     frame = metrics.assign(
+        grader=metrics["grader"].fillna("") if "grader" in metrics.columns else "",
         **identity,
         readout=readout,
         dataset=dataset,
@@ -218,10 +240,11 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
         return table
     records = []
     for agent, group in chosen.groupby("agent", sort=True):
-        metrics = group.set_index(KEY)
+        metrics = group[group["grader"] == ""].set_index(KEY)
         record = {key: group[key].iloc[0] for key in ("mode", "design", "readout")} | {"agent": agent}
         for column, key in RANK_COLUMNS.items():
             record[column] = float(metrics.loc[key, "value"]) if key in metrics.index else float("nan")
+        record.update(_content(group))
         overall = RANK_COLUMNS["overall"]
         low, high = metrics.loc[overall, ["ci_low", "ci_high"]] if overall in metrics.index else (None, None)
         record["overall_ci"] = "" if pd.isna(low) or pd.isna(high) else f"[{low:.3f}, {high:.3f}]"
@@ -235,6 +258,19 @@ def ranking(frame: pd.DataFrame, dataset: str | None = None, split: str | None =
     table = table[TABLE_COLUMNS].reset_index(drop=True)
     table.attrs.update(dataset=chosen.attrs["dataset"], split=chosen.attrs["split"])
     return table
+
+
+def _content(rows: pd.DataFrame) -> dict[str, object]:
+    """An agent's content columns, from the exact check when it graded, else from the first judge's grades."""
+    graders = sorted(set(rows["grader"]) - {""}, key=lambda g: (g != "evidence", g))
+    if not graders:
+        return {**dict.fromkeys(CONTENT_COLUMNS, float("nan")), "grader": ""}
+    graded = rows[rows["grader"] == graders[0]].set_index(KEY)
+    values = {
+        column: float(graded.loc[key, "value"]) if key in graded.index else float("nan")
+        for column, key in CONTENT_COLUMNS.items()
+    }
+    return {**values, "grader": graders[0]}
 
 
 def type_chart(table: pd.DataFrame) -> str:

@@ -187,7 +187,9 @@ def case_bootstrap(cases: np.ndarray, cells: np.ndarray, k: int, samples: int, s
     return out.reshape(samples, m, k, k)
 
 
-def _row(subset: str, where: tuple[str, str], metric: str, value: float, n: int, draws: np.ndarray | None) -> dict:
+def metric_row(
+    subset: str, where: tuple[str, str], metric: str, value: float, n: int, draws: np.ndarray | None
+) -> dict:
     spread = np.empty(0) if draws is None else draws[~np.isnan(draws)]
     return {
         "subset": subset,
@@ -211,7 +213,7 @@ def _slice_rows(
     rows: list[dict] = []
 
     def add(metric: str, measure, n: int) -> None:
-        rows.append(_row(subset, where, metric, measure(point), n, None if draws is None else measure(draws)))
+        rows.append(metric_row(subset, where, metric, measure(point), n, None if draws is None else measure(draws)))
 
     total = int(point.sum())
     overall = where[0] == OVERALL
@@ -306,8 +308,8 @@ def paired(predictions: dict[str, pd.DataFrame], samples: int = 1000, seed: int 
         n = len(first)
         for agent, other, sign in ((a, b, 1.0), (b, a, -1.0)):
             signed = None if draws is None else sign * draws
-            rows.append({"agent": agent, **_row("all", (VERSUS, other), "macro_f1_diff", sign * diff, n, signed)})
-            rows.append({"agent": agent, **_row("all", (VERSUS, other), "mcnemar_p", p, n, None)})
+            rows.append({"agent": agent, **metric_row("all", (VERSUS, other), "macro_f1_diff", sign * diff, n, signed)})
+            rows.append({"agent": agent, **metric_row("all", (VERSUS, other), "mcnemar_p", p, n, None)})
     return pd.DataFrame(rows, columns=["agent", *ROW_COLUMNS])
 
 

@@ -8,7 +8,8 @@ whose key is `<agent>-<run id>` keeps:
 - `<key>/error.log`: the traceback of a failed agent;
 - `<key>/responses/*.jsonl`: an endpoint agent's responses, each as it arrives (what a re-run does not ask again);
 - `<key>.parquet`: the final predictions, written by `finalize` once the parts hold exactly the planned tasks;
-- `<key>.record.json` and `<key>.tracking.json`: its run record and its tracking run id.
+- `<key>.record.json` and `<key>.tracking.json`: its run record and its tracking run id;
+- `<key>.grades.parquet`: the content grades of its proactive answers (task_id, grader, grade).
 
 `scores` is a typed column: a list of `{label, logprob}` structs. Files written before it was (a JSON text
 column) still read: `read` converts them.
@@ -147,6 +148,7 @@ class PredictionStore:
         self.tracking = root.child(f"{key}.tracking.json")
         self.error_log = self.parts_dir.child("error.log")
         self.responses = self.parts_dir.child("responses")  # an endpoint agent's response cache
+        self.grades = root.child(f"{key}.grades.parquet")  # content grades of its proactive answers, by grader
 
     @property
     def finished(self) -> bool:
@@ -186,3 +188,8 @@ class PredictionStore:
         self.error_log.write_text(error)
         last = next((line for line in reversed(error.strip().splitlines()) if line.strip()), "unknown error")
         return f"agent {agent}: {last.strip()} (full traceback: {self.error_log})"
+
+
+def agreement_file(root: Location, judge: str) -> Location:
+    """Where a judge's agreement with the exact check is kept, beside the predictions it graded."""
+    return root.child(f"judge-{judge}.agreement.json")

@@ -1,5 +1,6 @@
-"""One self-contained HTML page of an evaluation: the ranking, the paired comparisons, a per-category chart
-and the tasks where agents disagree (inline CSS and SVG; nothing is fetched).
+"""One self-contained HTML page of an evaluation: the ranking, the paired comparisons, a per-category chart,
+an example of each content grade per agent and the tasks where agents disagree (inline CSS and SVG; nothing is
+fetched).
 
 The page shows each agent's latest run on one dataset fingerprint and split (those of `leaderboard.ranking`);
 its predictions are `<predictions dir>/<agent>-<run id>.parquet`, as `harness eval` writes them.
@@ -20,6 +21,7 @@ from harness.data.io import fingerprint, load_tasks
 from harness.data.taxonomy import load_taxonomy
 from harness.results import leaderboard
 from harness.results.charts import Bar, column_help, grouped_bars
+from harness.results.content import EVIDENCE, GRADES
 from harness.results.metrics import SHARE_METRICS, VERSUS, check_predictions, read_table
 from harness.results.predictions import COLUMNS, PredictionStore, agent_key, score_map, upgraded
 
@@ -56,6 +58,7 @@ class Report:
     rows: dict[str, pd.DataFrame]  # agent -> its latest run's leaderboard rows
     predictions: dict[str, pd.DataFrame]  # agent -> that run's predictions
     files: dict[str, Location]  # agent -> its predictions file
+    grades: dict[str, pd.DataFrame]  # agent -> that run's content grades (task_id, grader, grade), if graded
     tasks: pd.DataFrame  # the split's tasks from the data file, indexed by task_id
     source: Location  # the leaderboard file
 
@@ -130,10 +133,10 @@ def load(
         )
     rows = {agent: runs[runs["agent"] == agent] for agent in ranking.agent}
     run_ids = {agent: agent_rows["run_id"].iloc[0] for agent, agent_rows in rows.items()}
-    files = {
-        agent: PredictionStore(predictions_dir, agent_key(agent, run_id)).final for agent, run_id in run_ids.items()
-    }
+    stores = {agent: PredictionStore(predictions_dir, agent_key(agent, run_id)) for agent, run_id in run_ids.items()}
+    files = {agent: store.final for agent, store in stores.items()}
     predictions = {agent: read_predictions(path) for agent, path in files.items()}
+    grades = {agent: store.grades.read_parquet() for agent, store in stores.items() if store.grades.exists()}
     # Rows that fail validation are skipped, as an evaluation with skip_bad_rows did: none of them was predicted.
     tasks = load_tasks(data, load_taxonomy(taxonomy), skip_bad_rows=True, split=split)
     tasks = tasks.set_index("task_id") if len(tasks) else tasks
@@ -144,7 +147,7 @@ def load(
                 f"{data}: no valid {split} task {unknown[0]!r} (predicted in {files[agent]}; "
                 f"see `harness data validate {data}`)"
             )
-    return Report(ranking, rows, predictions, files, tasks, board)
+    return Report(ranking, rows, predictions, files, grades, tasks, board)
 
 
 def _ranking_html(report: Report) -> str:
@@ -274,6 +277,42 @@ def _sample_html(report: Report, task_id: str, by_task: dict[str, dict[str, dict
     )
 
 
+def _grade_examples_html(report: Report) -> str:
+    """Per graded agent, its first task (by id) of each content grade, its answer beside the reference answer."""
+    sections = []
+    for agent, grades in report.grades.items():
+        graders = sorted(set(grades["grader"]), key=lambda g: (g != EVIDENCE, g))
+        graded = grades[grades["grader"] == graders[0]].sort_values("task_id") if graders else grades
+        answers = report.predictions[agent].set_index("task_id")["answer"]
+        rows = []
+        for grade in GRADES:
+            chosen = graded[graded["grade"] == grade]
+            if not len(chosen):
+                rows.append([html.escape(grade), "", '<td class="text">(no answer has this grade)</td>', ""])
+                continue
+            task_id = str(chosen["task_id"].iloc[0])
+            rows.append(
+                [
+                    html.escape(grade),
+                    html.escape(task_id),
+                    f'<td class="text">{html.escape(_text(answers.get(task_id)))}</td>',
+                    f'<td class="text">{html.escape(_text(report.tasks.loc[task_id, "reference"]))}</td>',
+                ]
+            )
+        grader = html.escape(graders[0]) if graders else ""
+        sections.append(
+            f"<h3>{html.escape(agent)} <small>graded by {grader}</small></h3>"
+            + _table(["grade", "task", "answer", "reference answer"], rows)
+        )
+    if not sections:
+        return "<p>No content grades: the agents were evaluated without <code>content</code>.</p>"
+    return (
+        "<p>On proactive tasks, what an intervention said: <b>caught</b> names the problem, <b>wrong</b> names part "
+        "of it, <b>vague</b> names none of it, <b>none</b> did not intervene. One example of each per agent.</p>"
+        + "".join(sections)
+    )
+
+
 def _samples_html(report: Report, max_samples: int) -> str:
     ids = disagreements(report)
     total = len(report.tasks)
@@ -305,6 +344,8 @@ def render(report: Report, max_samples: int = 200) -> str:
         + _paired_html(report)
         + "<h2>Per category: share of tasks with the right behavior</h2>"
         + _chart_svg(report)
+        + "<h2>What the interventions said</h2>"
+        + _grade_examples_html(report)
         + "<h2>Tasks where the agents disagree</h2>"
         + _samples_html(report, max_samples)
         + "</body></html>\n"

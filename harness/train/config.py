@@ -16,10 +16,12 @@ from harness.results.tracking import TrackingSettings
 from harness.train.layout import RunFiles, run_files
 
 TRAIN_MODES = (Mode.BEHAVIORSFT, Mode.SFT)
+BALANCE_BY = ("gold_behavior", "task_type")
 # Sections and keys that change how a run executes, where it is kept or where it is tracked, not what it
 # learns: a finished run is reused when every other key matches.
 RUNTIME_KEYS = (
     "address",
+    "cache_frozen_layers",
     "storage_path",
     "max_failures",
     "max_preemption_failures",
@@ -53,8 +55,12 @@ class LoraSettings:
     alpha: float = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    layers: int | None = None  # LoRA on the top N decoder layers only (peft's layers_to_transform); None: on all
+    train_new_tokens: bool = True  # the design's new token rows train too (peft's trainable_token_indices)
 
     def __post_init__(self) -> None:
+        if self.layers is not None:
+            check_range("layers", self.layers, low=1)
         check_range("r", self.r, low=1)
         check_range("alpha", self.alpha, above=0)
         check_range("dropout", self.dropout, low=0, below=1)
@@ -101,6 +107,12 @@ class TrainConfig:
     max_failures: int = 1  # worker errors to restart from the last checkpoint after; -1: any number
     max_preemption_failures: int = -1  # node preemptions (spot reclaims) to restart after, counted apart; -1: any
     address: str | None = None  # the Ray cluster (HOST:PORT); None: $RAY_ADDRESS, else a local cluster
+    # Run the frozen layers below LoRA's top `lora.layers` once per task and reuse their output every later step
+    # and epoch (harness.train.frozen): the same training, at the cost of the top layers.
+    cache_frozen_layers: bool = False
+    # Repeat tasks so that each value of this column is about equally frequent in every epoch: gold_behavior
+    # (reactive, proactive) or task_type (reactive, proactive, restraint); None: the data as it is.
+    balance_by: str | None = None
 
     def __post_init__(self) -> None:
         problem = name_problem(self.run_name)
@@ -131,6 +143,21 @@ class TrainConfig:
         check_range("checkpoint_every", self.checkpoint_every, low=0)
         check_range("max_failures", self.max_failures, low=-1)
         check_range("max_preemption_failures", self.max_preemption_failures, low=-1)
+        if self.balance_by not in (None, *BALANCE_BY):
+            raise ValueError(f"balance_by: {self.balance_by!r} is not one of {list(BALANCE_BY)} or null")
+        if self.cache_frozen_layers:
+            needs = {
+                "lora.enabled": self.lora.enabled,
+                "lora.layers": self.lora.layers is not None,
+                "lora.train_new_tokens: false": not self.lora.train_new_tokens,
+                "deepspeed.zero_stage 0, 1 or 2": self.deepspeed.zero_stage < 3,
+            }
+            missing = [need for need, met in needs.items() if not met]
+            if missing:
+                raise ValueError(
+                    f"cache_frozen_layers: needs {', '.join(missing)} (only frozen layers below the trainable ones "
+                    "can be cached)"
+                )
 
     def resolved(self) -> TrainConfig:
         """This config with local paths made absolute (Ray workers run in another directory)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +33,8 @@ class Encode:
         self.cfg.design.add_to_tokenizer(self.tokenizer, self.taxonomy)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        cfg, out = self.cfg, {"input_ids": [], "labels": [], "prompt_ids": [], "gold_behavior": [], "split": []}
+        columns = ("task_id", "input_ids", "labels", "prompt_ids", "gold_behavior", "split")
+        cfg, out = self.cfg, {column: [] for column in columns}
         design = cfg.design if cfg.mode is Mode.BEHAVIORSFT else None
         strategy = DEFAULT_STRATEGY[cfg.mode]
         for i in range(len(batch["task_id"])):
@@ -44,6 +47,7 @@ class Encode:
             out["prompt_ids"].append(encode_prompt(self.tokenizer, prompt, cfg.max_length))  # as evaluation encodes
             out["gold_behavior"].append(row["gold_behavior"])
             out["split"].append(batch["split"][i])
+            out["task_id"].append(batch["task_id"][i])
         return out
 
 
@@ -75,6 +79,8 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
         train = tasks.filter(expr=col("split") == "train", num_cpus=PREP_CPUS)
         if cfg.max_train_tasks:
             train = train.limit(cfg.max_train_tasks)
+        if cfg.balance_by:
+            train = balanced(train.materialize(), cfg.balance_by, cfg.seed)
         dev = tasks.filter(expr=col("split") == "dev", num_cpus=PREP_CPUS).limit(cfg.eval_max_tasks)
         # One pass, one batch at a time: a process's first batch imports torch and transformers, most of this
         # step's time on a small run.
@@ -90,6 +96,25 @@ def prepare_datasets(cfg: TrainConfig) -> tuple[dict[str, Any], int]:
     return {"train": train, "dev": dev}, rows
 
 
+def balanced(tasks: Any, column: str, seed: int) -> Any:
+    """`tasks` (a materialized Ray Dataset) with the tasks of each value of `column` repeated until every value is
+    about as frequent as the most frequent one: each task `most / count` times, the fraction drawn by a hash of its
+    id and `seed` (the same tasks on every run)."""
+    counts: Counter = Counter()  # read from the materialized blocks: no shuffle, which a Tune trial could not run
+    for batch in tasks.iter_batches(batch_size=None, batch_format="pyarrow"):
+        counts.update(batch.column(column).to_pylist())
+    most = max(counts.values())
+    factors = {value: most / count for value, count in counts.items()}
+    kwargs = {"column": column, "factors": factors, "seed": seed}
+    return tasks.flat_map(_repeat, fn_kwargs=kwargs, num_cpus=PREP_CPUS)
+
+
+def _repeat(row: dict[str, Any], column: str, factors: dict[str, float], seed: int) -> list[dict[str, Any]]:
+    factor = factors[row[column]]
+    draw = int(hashlib.sha256(f"{seed}:{row['task_id']}".encode()).hexdigest()[:8], 16) / 2**32
+    return [row] * (int(factor) + (draw < factor - int(factor)))
+
+
 def batches_per_epoch(rows_per_worker: int, batch_size: int) -> int:
     """Micro-batches one worker sees per epoch with length bucketing (see `bucketed_batches`)."""
     window = batch_size * BUCKET_BATCHES
@@ -98,7 +123,7 @@ def batches_per_epoch(rows_per_worker: int, batch_size: int) -> int:
 
 
 def pad_batch(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-padded input_ids, attention_mask and labels (-100 on padding) for encoded examples."""
+    """Right-padded input_ids, attention_mask and labels (-100 on padding) for encoded examples (tensors)."""
     import torch
 
     width = max(len(e["input_ids"]) for e in examples)
@@ -113,8 +138,9 @@ def pad_batch(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def bucketed_batches(shard: Any, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Padded batches from a Ray Data shard: sort a window of rows by length, shuffle the batches."""
+def bucketed_batches(shard: Any, batch_size: int, pad_id: int, seed: int) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """Padded batches from a Ray Data shard, with their rows' task ids: sort a window of rows by length, shuffle the
+    batches."""
     import numpy as np
 
     rng = random.Random(seed)
@@ -123,4 +149,5 @@ def bucketed_batches(shard: Any, batch_size: int, pad_id: int, seed: int) -> Ite
         groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         rng.shuffle(groups)
         for group in groups:
-            yield pad_batch([{k: window[k][i] for k in ("input_ids", "labels")} for i in group], pad_id)
+            batch = pad_batch([{k: window[k][i] for k in ("input_ids", "labels")} for i in group], pad_id)
+            yield batch, [str(window["task_id"][i]) for i in group]

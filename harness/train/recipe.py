@@ -21,14 +21,16 @@ import yaml
 
 from harness.agents.loading import load_model, load_tokenizer
 from harness.agents.references import local_copy
-from harness.agents.selection import Mode, Selector, Strategy
+from harness.agents.selection import Mode, Selector, Strategy, label_behavior
 from harness.core.config import build, to_dict
+from harness.core.errors import ConfigError
 from harness.data.taxonomy import load_taxonomy
 from harness.results.metrics import macro_f1
 from harness.results.run_record import peak_bf16_flops, run_record, save_record
 from harness.results.tracking import NoTracker, Tracker, open_run
 from harness.train.config import LoraSettings, TrainConfig, deepspeed_config
 from harness.train.data import bucketed_batches, pad_batch
+from harness.train.frozen import FrozenLayers
 from harness.train.layout import CONFIG_NAME
 
 if TYPE_CHECKING:
@@ -59,16 +61,22 @@ def prepare_deepspeed(use_gpu: bool) -> None:
 
 
 def wrap_lora(model: PreTrainedModel, lora: LoraSettings, new_token_ids: list[int]) -> PreTrainedModel:
-    """LoRA adapters on attention, plus the new behavior-token rows as trainable tokens."""
+    """LoRA adapters on `target_modules` of every decoder layer (or the top `lora.layers`), plus the new
+    behavior-token rows as trainable tokens (unless `lora.train_new_tokens` is off)."""
     from peft import LoraConfig, get_peft_model
 
+    count = model.config.num_hidden_layers
+    if lora.layers is not None and lora.layers > count:
+        raise ConfigError(f"lora.layers: {lora.layers}, but the model has {count} decoder layers")
+    trained = list(new_token_ids) if lora.train_new_tokens else []
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        layers_to_transform=list(range(count - lora.layers, count)) if lora.layers else None,
         task_type="CAUSAL_LM",
-        trainable_token_indices={"embed_tokens": list(new_token_ids)} if new_token_ids else None,
+        trainable_token_indices={"embed_tokens": trained} if trained else None,
     )
     return get_peft_model(model, config)
 
@@ -127,6 +135,8 @@ class BehaviorSFTRecipe:
         self.metrics: dict[str, Any] = {}  # the latest window's metrics, carried by the next checkpoint's report
         self.window = _Window()
         self.preemption_saved = False  # a just-in-time checkpoint was taken on a preemption notice
+        self.frozen: FrozenLayers | None = None  # the kept output of the frozen lower layers (cache_frozen_layers)
+        self.frozen_checked = False
 
     def setup(self) -> None:
         """The model with the token design (and LoRA) under `deepspeed.initialize`, the data shards, the tracking
@@ -150,6 +160,8 @@ class BehaviorSFTRecipe:
         model.config.use_cache = False
         if cfg.lora.enabled:
             model = wrap_lora(model, cfg.lora, new_rows)
+        count = model.config.num_hidden_layers
+        self.frozen = FrozenLayers(model, count - cfg.lora.layers) if cfg.cache_frozen_layers else None
         self.parameters = sum(p.numel() for p in model.parameters())  # frozen ones too (see _window_metrics)
         if self.rank == 0:  # before deepspeed.initialize, whose broadcast lines the workers up again after it
             self.tracker = self._open_tracking()
@@ -212,16 +224,45 @@ class BehaviorSFTRecipe:
         with torch.no_grad():
             for start in range(0, len(self.dev), cfg.batch_size):
                 chunk = self.dev[start : start + cfg.batch_size]
-                batch = pad_batch(chunk, tokenizer.pad_token_id)
-                losses.append(module(**{k: v.to(device) for k, v in batch.items()}).loss.float().item())
-                if selector is not None:
-                    pred += [s.behavior for s in selector.select([list(r["prompt_ids"]) for r in chunk])]
-                    gold += [r["gold_behavior"] for r in chunk]
+                batch = {k: v.to(device) for k, v in pad_batch(chunk, tokenizer.pad_token_id).items()}
+                if self.frozen is not None:
+                    loss, chosen = self._validate_kept(batch, chunk, selector)
+                else:
+                    loss, chosen = module(**batch).loss.float().item(), self._select(selector, chunk)
+                losses.append(loss)
+                pred += chosen
+                gold += [r["gold_behavior"] for r in chunk] if selector else []
         module.train()
         metrics = {"dev_loss": sum(losses) / max(len(losses), 1)}
         if gold:
             metrics["dev_macro_f1"] = macro_f1(gold, pred)
         return metrics
+
+    def _select(self, selector: Selector | None, chunk: list[dict[str, Any]]) -> list[str]:
+        """Behaviors of dev tasks selected from their own prompts, as evaluation selects."""
+        return [s.behavior for s in selector.select([list(r["prompt_ids"]) for r in chunk])] if selector else []
+
+    def _validate_kept(
+        self, batch: dict[str, torch.Tensor], chunk: list[dict[str, Any]], selector: Selector | None
+    ) -> tuple[float, list[str]]:
+        """A dev batch through the kept lower layers: its loss, and each task's behavior from the same pass, as
+        evaluation selects it. A task whose example holds less of its prompt than evaluation sees (cut to
+        `max_length`), or a design whose tokens are not single tokens, is selected from its own prompt."""
+        import numpy as np
+
+        ids = [str(r["task_id"]) for r in chunk]
+        single = selector is not None and all(len(row) == 1 for row in selector.label_ids)
+        loss, scores = self.frozen.validate(batch, ids, [row[0] for row in selector.label_ids] if single else [0])
+        if not single:
+            return loss.item(), self._select(selector, chunk)
+        chosen = [selector.labels[j] for j in scores.argmax(1).tolist()]
+        design, taxonomy = self.cfg.design, self.taxonomy
+        behaviors = [label_behavior(taxonomy, Strategy.BEHAVIOR_TOKEN, design, label) for label in chosen]
+        for i, row in enumerate(chunk):
+            start = int(np.argmax(np.asarray(row["labels"]) != -100))
+            if list(row["input_ids"][:start]) != list(row["prompt_ids"]):
+                behaviors[i] = self._select(selector, [row])[0]
+        return loss.item(), behaviors
 
     def save(self, metrics: dict[str, Any], final: bool) -> None:
         """Validate, then report `metrics` with the dev metrics and a checkpoint: the DeepSpeed state with this
@@ -280,7 +321,10 @@ class BehaviorSFTRecipe:
             self.latest_dev = {k.removeprefix("initial_"): v for k, v in state["initial"].items()}
             for epoch in range(state["epoch"], cfg.epochs):
                 state["epoch"] = epoch
+                began = time.perf_counter()
                 self._train_epoch(epoch)
+                # This worker's time for the epoch's steps (a resumed epoch's: for the steps left), dev set aside.
+                self.metrics["epoch_seconds"] = time.perf_counter() - began
                 state["batch_in_epoch"] = 0
                 if epoch == cfg.epochs - 1:
                     state["epoch"] = cfg.epochs
@@ -297,11 +341,11 @@ class BehaviorSFTRecipe:
         cfg, state = self.cfg, self.state
         skip = state["batch_in_epoch"]
         batches = bucketed_batches(self.shard, cfg.batch_size, self.tokenizer.pad_token_id, cfg.seed + epoch)
-        for index, batch in enumerate(batches):
+        for index, (batch, task_ids) in enumerate(batches):
             if index < skip:
                 continue
             batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            loss = self._loss(batch)
+            loss = self._loss(batch, task_ids)
             self.engine.backward(loss)
             self.engine.step()
             state["batch_in_epoch"] = index + 1
@@ -337,11 +381,36 @@ class BehaviorSFTRecipe:
             print(f"[harness] preemption notice for node {nodes}: checkpointing at step {self.state['global_step']}")
         return True
 
-    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, Any], task_ids: list[str]) -> torch.Tensor:
+        if self.frozen is not None:
+            return self._upper_loss(batch, task_ids)
         if self.cfg.behavior_loss_weight == 1.0:
             return self.engine(**batch).loss
         logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return weighted_loss(logits, batch["labels"], self.cfg.behavior_loss_weight)
+
+    def _upper_loss(self, batch: dict[str, Any], task_ids: list[str]) -> torch.Tensor:
+        """The loss from the kept hidden states through the top layers (`harness.train.frozen`). Before the first
+        step, both ways are compared without dropout: the kept layers must give the whole model's loss."""
+        import torch
+
+        weight = self.cfg.behavior_loss_weight
+        if not self.frozen_checked:
+            self.frozen_checked = True
+            module = self.engine.module
+            module.eval()
+            with torch.no_grad():
+                kept, whole = (
+                    self.frozen.loss(batch, task_ids, weight).item(),
+                    self.frozen.whole_loss(batch, weight).item(),
+                )
+            module.train()
+            if abs(kept - whole) > 1e-3 * max(1.0, abs(whole)):
+                raise ConfigError(
+                    f"cache_frozen_layers: the loss through the kept layers ({kept:.6f}) is not the whole model's "
+                    f"({whole:.6f}); this model's layers cannot be cached"
+                )
+        return self.frozen.loss(batch, task_ids, weight)
 
     def _window_metrics(self, epoch: int) -> dict[str, Any]:
         """The metrics of the window since the last report, which starts a new window.

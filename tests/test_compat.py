@@ -28,9 +28,11 @@ def test_an_old_leaderboard_reads_with_typed_slices_and_ranks_as_it_did():
     versus = frame[frame.slice_kind == "versus"]
     assert set(versus.slice_value) == {"behaviorsft", "sft", "instructed", "zero-shot"}
     ranking = leaderboard.ranking(frame)
-    assert set(ranking.readout) == {""}  # a column added since: unknown for rows written before it
-    # The demo's export of that commit, byte for byte, but for the added column.
-    assert leaderboard.render(ranking.drop(columns="readout"), "md") == (V1 / "leaderboard.md").read_text()
+    added = ["readout", "caught", "vague_or_wrong", "grader"]  # columns added since: unknown for rows before them
+    assert set(ranking.readout) == set(ranking.grader) == {""}
+    assert ranking.caught.isna().all() and ranking.vague_or_wrong.isna().all()
+    # The demo's export of that commit, byte for byte, but for the added columns.
+    assert leaderboard.render(ranking.drop(columns=added), "md") == (V1 / "leaderboard.md").read_text()
 
 
 def test_appending_to_an_old_leaderboard_keeps_its_rows_typed(tmp_path: Path):

@@ -20,11 +20,14 @@ from harness.agents.selection import chat_template_sha256
 from harness.agents.tokens import TokenDesign
 from harness.core import config
 from harness.core.errors import HarnessError
+from harness.data.io import load_tasks
 from harness.data.taxonomy import load_taxonomy
 from harness.evaluate.config import EvalConfig
 from harness.evaluate.driver import evaluate
+from harness.evaluate.hf import AgentPredictor
+from harness.evaluate.runs import ResolvedAgent
 from harness.results import leaderboard
-from harness.results.predictions import SCHEMA, score_map
+from harness.results.predictions import SCHEMA, TASK_COLUMNS, Prediction, score_map
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +90,7 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     assert all(sorted(score_map(s)) == ["proactive", "reactive"] for s in zero.scores)
     graded = (zero.task_type == "proactive") & (zero.pred_behavior == "proactive")
     assert graded.any()
-    assert (zero.answer[~graded] == "").all()  # a choice prompt asks for a letter: no answer is generated...
-    assert (zero.answer[graded] != "").all()  # ...except where it intervened on a proactive task: that is graded
+    assert (zero.answer[~graded] == "").all()  # a choice prompt asks for a letter: no answer is generated
     assert (bsft.case_id == bsft.task_id.map(dict(zip(tasks.task_id, tasks.case_id, strict=True)))).all()
     assert set(table.agent) == {"zero-shot", "bsft"}
     before = leaderboard.read(cfg.leaderboard)
@@ -187,7 +189,7 @@ def test_content_is_graded_by_evidence_and_by_a_judge(sample, tiny_model, behavi
         assert {"caught", "vague_or_wrong", "caught_diff", "caught_mcnemar_p"} <= set(graded.metric)
         assert rows[(rows.agent == agent) & (rows.metric == "macro_f1")].grader.eq("").all()
     out = Path(values["output_dir"])
-    grades = {path.name.split("-")[0]: pd.read_parquet(path) for path in out.glob("*.grades.parquet")}
+    grades = {path.parent.name.split("-")[0]: pd.read_parquet(path) for path in out.glob("*/grades.parquet")}
     assert sorted(grades) == ["bsft", "zero"]
     pairs = []
     for frame in grades.values():
@@ -239,5 +241,24 @@ def test_smollm2_prompt_only_agents_through_the_ray_data_path(sample, smollm2_mo
         assert chosen == list(frame.pred_behavior)
         assert frame.prompt.str.startswith("<|im_start|>system").all()  # SmolLM2's own chat template
         assert set(frame.chat_template_sha256) == {chat_template_sha256(load_tokenizer(str(smollm2_model)))}
+        graded = (frame.task_type == "proactive") & (frame.pred_behavior == "proactive")
+        assert (frame.answer[~graded] == "").all()  # a choice prompt asks for a letter: no answer is generated...
+        assert frame.answer[graded].str.strip().ne("").all()  # ...but where it intervened on a proactive task
     # the instructions change what the model sees, so its scores move
     assert [score_map(s) for s in frames["zero"].scores] != [score_map(s) for s in frames["instructed"].scores]
+
+
+def test_an_hf_choice_agent_answers_where_it_intervened_on_a_proactive_task(sample, smollm2_model):
+    """In process, on SmolLM2 (a random tiny model may end its answer at once): the answer that gets graded."""
+    spec = {"name": "zero-shot", "model": str(smollm2_model), "mode": "zero_shot", "batch_size": 2}
+    cfg = config.build(EvalConfig, {"data": str(sample), "max_new_tokens": 12, "agents": [spec]})
+    agent = ResolvedAgent(cfg.agents[0], str(smollm2_model), None, "run")
+    predictor = AgentPredictor([agent], cfg, {"zero-shot": set()})
+    assert predictor.failures == {}
+    tasks = load_tasks(sample, split="test")
+    proactive = tasks[tasks.task_type == "proactive"].head(2)
+    batch = {column: list(proactive[column]) for column in (*TASK_COLUMNS, "messages")}
+    chosen = [Prediction("choice", pred_behavior=b, pred_label=b, answer="") for b in ("proactive", "reactive")]
+    predictor._answer_proactive(predictor.selectors["zero-shot"], batch, chosen, batch_size=2)
+    assert chosen[0].answer.strip() and "<|im_end|>" not in chosen[0].answer  # it intervened: asked for an answer
+    assert chosen[1].answer == ""  # it did not: graded `none`, nothing generated

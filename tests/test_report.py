@@ -73,7 +73,7 @@ def evaluation(tmp_path_factory) -> dict[str, Path]:
         write_parquet(root / "eval" / f"{agent}-run-{agent}.parquet", frame)
     proactive = sorted(tasks[tasks.task_type == "proactive"].task_id)[:4]
     grades = pd.DataFrame({"task_id": proactive, "grader": "evidence", "grade": ["none", "vague", "caught", "wrong"]})
-    write_parquet(root / "eval" / "behaviorsft-run-behaviorsft.grades.parquet", grades)
+    write_parquet(root / "eval" / "behaviorsft-run-behaviorsft" / "grades.parquet", grades)
     scored = score_agents(predictions, samples=200)
     board = root / "leaderboard.parquet"
     dataset = fingerprint(data)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from harness.core import storage
 from harness.core.errors import DataError, first_line
 from harness.core.files import decode_utf8, write_atomic
-from harness.data.records import REQUIRED, check_row, normalize_row
+from harness.data.records import REQUIRED, TaskRecord, check_row, normalize_row
 from harness.data.taxonomy import Taxonomy, load_taxonomy
 
 if TYPE_CHECKING:
@@ -349,7 +349,12 @@ def load_dataset(
 
         def write_clean(tmp: Path) -> None:
             with tmp.open("w", encoding="utf-8") as handle:
-                _scan(path, taxonomy, on_good=lambda row: handle.write(json.dumps(row) + "\n"), on_bad=rejects)
+                _scan(
+                    path,
+                    taxonomy,
+                    on_good=lambda row: handle.write(json.dumps(TaskRecord(**row).to_row()) + "\n"),
+                    on_bad=rejects,
+                )
 
         try:
             write_atomic(clean, write_clean)

@@ -7,9 +7,11 @@ whose key is `<agent>-<run id>` keeps:
   object), so a killed job keeps its progress;
 - `<key>/error.log`: the traceback of a failed agent;
 - `<key>/responses/*.jsonl`: an endpoint agent's responses, each as it arrives (what a re-run does not ask again);
+- `<key>/grades.parquet`: the content grades of its proactive answers (task_id, grader, grade);
 - `<key>.parquet`: the final predictions, written by `finalize` once the parts hold exactly the planned tasks;
-- `<key>.record.json` and `<key>.tracking.json`: its run record and its tracking run id;
-- `<key>.grades.parquet`: the content grades of its proactive answers (task_id, grader, grade).
+- `<key>.record.json` and `<key>.tracking.json`: its run record and its tracking run id.
+
+So `*.parquet` directly under the output directory are exactly the final predictions.
 
 `scores` is a typed column: a list of `{label, logprob}` structs. Files written before it was (a JSON text
 column) still read: `read` converts them.
@@ -148,7 +150,7 @@ class PredictionStore:
         self.tracking = root.child(f"{key}.tracking.json")
         self.error_log = self.parts_dir.child("error.log")
         self.responses = self.parts_dir.child("responses")  # an endpoint agent's response cache
-        self.grades = root.child(f"{key}.grades.parquet")  # content grades of its proactive answers, by grader
+        self.grades = self.parts_dir.child("grades.parquet")  # content grades of its proactive answers, by grader
 
     @property
     def finished(self) -> bool:

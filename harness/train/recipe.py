@@ -198,7 +198,10 @@ class BehaviorSFTRecipe:
         checkpoint = ray.train.get_checkpoint()
         if not checkpoint:
             return
-        with checkpoint.as_directory() as directory:
+        # A directory of this worker's own: `as_directory` shares one per checkpoint between the processes of a
+        # machine, and one worker's clean-up can delete it while another waits for it (Ray 2.60).
+        with tempfile.TemporaryDirectory(prefix="harness-resume-") as directory:
+            checkpoint.to_directory(directory)
             _, client = self.engine.load_checkpoint(
                 str(Path(directory) / "deepspeed"), tag="state", load_module_strict=not self.cfg.lora.enabled
             )

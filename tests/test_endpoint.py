@@ -246,10 +246,10 @@ def test_a_local_agent_and_two_endpoint_agents_rank_side_by_side(
     assert ranking.readout.to_dict() == {"local": "logprobs", "served-bsft": "logprobs", "served-zs": "text"}
     assert len(keyed.seen) == 40 and all(s.authorization == f"Bearer {FAKE_KEY}" for s in keyed.seen)
     at = sorted(s.at for s in keyed.seen)  # two actors, one limit: 20 requests a second between them
-    # k requests are sent k - 1 slots of 50 ms apart at least; they arrive so but for HTTP's own jitter (a new
-    # connection's setup delays the first ones onto the next slots' by up to 150 ms here).
-    for i in range(len(at)):
-        assert all(at[j] - at[i] >= (j - i - 4) * 0.05 for j in range(i + 1, len(at)))
+    # Slots are 50 ms apart, so the 40th request is sent 1.95 s after the first, and the 5th at most 0.2 s after
+    # it; a limit per actor (40 a second in all) would end the whole run in under a second. A busy machine delays
+    # arrivals by a few hundred ms (HTTP's own jitter, a new connection's setup), which only shortens this span.
+    assert at[-1] - at[4] >= 1.4, f"40 requests arrived over {at[-1] - at[0]:.2f} s"
 
     eval_dir = tmp_path / "eval"
     (record_file,) = eval_dir.glob("served-bsft-*.record.json")

@@ -3,9 +3,12 @@ import itertools
 import pytest
 import torch
 
+from harness.agents.encoding import encode_prompt
 from harness.agents.loading import load_model, load_tokenizer
-from harness.agents.scoring import label_scores
+from harness.agents.scoring import generate_answers, label_scores
+from harness.agents.selection import Mode, Selector, Strategy
 from harness.agents.tokens import GRANULARITIES, INITS, PLACEMENTS, SPELLINGS, TokenDesign
+from harness.data.io import load_tasks
 from harness.data.taxonomy import load_taxonomy
 
 DESIGNS = [TokenDesign(*combo) for combo in itertools.product(GRANULARITIES, SPELLINGS, PLACEMENTS, INITS)]
@@ -67,3 +70,24 @@ def test_label_scores_single_and_multi_token_agree_with_a_direct_forward(tiny_mo
             logprobs = model(input_ids=ids).logits.log_softmax(-1)[0]
             expected = sum(logprobs[len(prompt) - 1 + k, token].item() for k, token in enumerate(label))
             assert scores[row, column].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_behavior_token_agent_answers_after_the_label_it_chose(tiny_model, sample):
+    """Behavior first, then the answer: generated after the chosen label's token, which opens the answer."""
+    tokenizer, model, design, taxonomy = (
+        load_tokenizer(str(tiny_model)),
+        load_model(str(tiny_model)).eval(),
+        TokenDesign(),
+        load_taxonomy(),
+    )
+    design.apply(tokenizer, model, taxonomy)
+    selector = Selector(model, tokenizer, taxonomy, Mode.BEHAVIORSFT, Strategy.BEHAVIOR_TOKEN, design, True, 5)
+    prompts = [
+        encode_prompt(tokenizer, selector.prompt(list(m)), 512) for m in load_tasks(sample, split="test").messages[:4]
+    ]
+    selections = selector.select(prompts)
+    ids = dict(zip(selector.labels, selector.label_ids, strict=True))
+    after = generate_answers(model, tokenizer, [p + ids[s.label] for p, s in zip(prompts, selections, strict=True)], 5)
+    for chosen, rest in zip(selections, after, strict=True):
+        assert chosen.answer == tokenizer.decode(ids[chosen.label]) + rest
+        assert design.parse(chosen.answer, taxonomy) == chosen.label

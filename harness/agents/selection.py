@@ -185,19 +185,26 @@ class Selector:
         strategy = Strategy.GENERATE if self.strategy is Strategy.CHOICE else self.strategy
         return agent_prompt(self.tokenizer, messages, self.mode, strategy, self.design, self.taxonomy)
 
-    def answer(self, prompts: list[list[int]]) -> list[str]:
-        """Greedy answers of encoded answer prompts (one model batch)."""
-        return generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens)
+    def answer(self, prompts: list[list[int]], labels: list[str] | None = None) -> list[str]:
+        """Greedy answers of encoded answer prompts (one model batch). A `behavior_token` agent answers after the
+        label it chose (`labels`), as it was trained to: behavior first, then the answer, which opens with the
+        label's token. Left to generate the token itself, a model whose new tokens were not trained spells it in
+        ordinary tokens and the answer that follows drifts."""
+        if self.strategy is not Strategy.BEHAVIOR_TOKEN or labels is None:
+            return generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens)
+        ids = dict(zip(self.labels, self.label_ids, strict=True))
+        prompts = [prompt + ids[label] for prompt, label in zip(prompts, labels, strict=True)]
+        answers = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens)
+        return [self.tokenizer.decode(ids[label]) + a for label, a in zip(labels, answers, strict=True)]
 
     def select(self, prompts: list[list[int]]) -> list[Selection]:
         """The behavior of each encoded prompt (one model batch: the caller bounds its size)."""
-        answers = [""] * len(prompts)
-        if self.answers:
-            answers = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens)
         if self.strategy is Strategy.GENERATE:
+            answers = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens)
             return [Selection(*read_answer(a, self.design, self.taxonomy), {}, a) for a in answers]
         scores = label_scores(self.model, prompts, self.label_ids, self.tokenizer.pad_token_id)
         chosen = [self.labels[j] for j in scores.argmax(1).tolist()]
+        answers = self.answer(prompts, chosen) if self.answers else [""] * len(prompts)
         behavior = {label: label_behavior(self.taxonomy, self.strategy, self.design, label) for label in self.labels}
         return [
             Selection(behavior[label], label, dict(zip(self.labels, row, strict=True)), answer)

@@ -139,14 +139,15 @@ class AgentPredictor:
     ) -> None:
         """Answers, for their content to be graded, on the proactive tasks where the agent intervened without one (a
         `choice` agent, or a behavior-token agent without `answers`), generated from the prompt without a choice
-        question."""
+        question (a behavior-token agent's after the label it chose)."""
         need = [i for i, kind in enumerate(batch["task_type"]) if needs_answer(kind, predictions[i])]
         limit, tokenizer = self.cfg.max_prompt_tokens, selector.tokenizer
         prompts = {i: encode_prompt(tokenizer, selector.answer_prompt(list(batch["messages"][i])), limit) for i in need}
         order = sorted(need, key=lambda i: len(prompts[i]))
         for start in range(0, len(order), batch_size):
             group = order[start : start + batch_size]
-            for i, answer in zip(group, selector.answer([prompts[i] for i in group]), strict=True):
+            labels = [predictions[i].pred_label or "" for i in group]
+            for i, answer in zip(group, selector.answer([prompts[i] for i in group], labels), strict=True):
                 predictions[i] = replace(predictions[i], answer=answer)
 
 

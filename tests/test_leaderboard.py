@@ -93,6 +93,13 @@ def test_exports(tmp_path: Path):
     assert page.count("<rect") >= 6 and "<svg" in page and "b&lt;script&gt;" in page and "<script>" not in page
 
 
+def test_an_undefined_metric_is_a_blank_cell_not_nan():
+    table = leaderboard.ranking(_rows("a", "r1", 0.9)).assign(vague_or_wrong=float("nan"))
+    header, _, row = leaderboard.render(table, "md").splitlines()
+    assert dict(zip(header.split(" | "), row.split(" | "), strict=True))["vague_or_wrong"] == ""
+    assert ">NaN<" not in leaderboard.render(table, "html") and ">nan<" not in leaderboard.render(table, "html")
+
+
 def test_html_explains_columns_and_charts_the_shares():
     page = leaderboard.render(leaderboard.ranking(_rows("a", "r1", 0.9)), "html")
     assert "share of tasks with the right behavior</text>" in page and "dataset d, split test" in page

@@ -31,7 +31,7 @@ from harness.evaluate.hf import BATCH_TRIES, AgentPredictor, actor_demand, actor
 from harness.evaluate.judge import EndpointJudge, LocalJudge, agreement, write_agreement
 from harness.evaluate.runs import ResolvedAgent, resolve_agents
 from harness.results import leaderboard
-from harness.results.content import EVIDENCE
+from harness.results.content import EVIDENCE, NONE
 from harness.results.metrics import score_agents, slice_name
 from harness.results.predictions import ERROR, PredictionStore, agreement_file, readout_summary
 from harness.results.run_record import run_record, save_record
@@ -242,12 +242,13 @@ def _grades(
         exact = pd.concat([g[EVIDENCE].assign(agent=n) for n, g in grades.items()], ignore_index=True)
         pooled = pd.concat([frame.assign(agent=n) for n, frame in judged.items()], ignore_index=True)
         both = exact.merge(pooled, on=["agent", "task_id"], suffixes=("_exact", "_judge"))
+        both = both[both["grade_exact"] != NONE]  # the judge grades interventions; `none` elsewhere is no verdict
         if len(both):
             result = agreement(both["grade_exact"], both["grade_judge"])
             write_agreement(agreement_file(out, judge.spec.name), judge.spec.name, result)
             notes.append(
                 f"judge {judge.spec.name}: Cohen's kappa {result['kappa']:.3f} with the exact check on {result['n']} "
-                f"graded answers ({agreement_file(out, judge.spec.name)})"
+                f"interventions ({agreement_file(out, judge.spec.name)})"
             )
     for name, by_grader in grades.items():
         saved = [frame.assign(grader=grader)[["task_id", "grader", "grade"]] for grader, frame in by_grader.items()]
@@ -276,7 +277,7 @@ def _judge(
         known = _saved_grades(stores[name], grader)
         rows = rows.assign(
             grade=[
-                known.get(t, "none" if b != "proactive" else "")
+                known.get(t, NONE if b != "proactive" else "")
                 for t, b in zip(rows["task_id"], rows["pred_behavior"], strict=True)
             ]
         )

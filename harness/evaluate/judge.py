@@ -106,7 +106,7 @@ def agreement(exact: pd.Series, judged: pd.Series) -> dict[str, Any]:
         return {"kappa": float("nan"), "n": 0, "confusion": {}}
     observed = np.trace(counts) / total
     expected = (counts.sum(1) * counts.sum(0)).sum() / total**2
-    kappa = float((observed - expected) / (1 - expected)) if expected < 1 else 1.0
+    kappa = float((observed - expected) / (1 - expected)) if expected < 1 else float("nan")  # sklearn's 0/0
     confusion = {e: {j: int(table.loc[e, j]) for j in labels if table.loc[e, j]} for e in labels if table.loc[e].sum()}
     return {"kappa": kappa, "n": int(total), "confusion": confusion}
 

@@ -25,7 +25,8 @@ import pandas as pd
 
 from harness.results.metrics import ROW_COLUMNS, VERSUS, case_bootstrap, metric_row
 
-GRADES = ("caught", "wrong", "vague", "none")
+NONE = "none"  # the grade of an answer that did not intervene
+GRADES = ("caught", "wrong", "vague", NONE)
 EVIDENCE = "evidence"  # the grader named in leaderboard rows when the exact check graded
 CONTENT_METRICS = ("caught", "vague_or_wrong")
 
@@ -33,7 +34,7 @@ CONTENT_METRICS = ("caught", "vague_or_wrong")
 def grade(answer: str, evidence: Sequence[Sequence[str]], intervened: bool) -> str:
     """The exact check: `caught`, `wrong`, `vague` or `none` (see the module docstring)."""
     if not intervened:
-        return "none"
+        return NONE
     text = (answer or "").lower()
     met = [any(spelling.lower() in text for spelling in requirement) for requirement in evidence]
     if met and all(met):
@@ -52,7 +53,7 @@ def content_rows(graded: pd.DataFrame, samples: int = 1000, seed: int = 0) -> pd
             continue
         grades = graded["grade"].to_numpy()[mask]
         caught = (grades == "caught").astype(np.int64)
-        intervened = grades != "none"
+        intervened = grades != NONE
         named_else = ((grades == "wrong") | (grades == "vague")).astype(np.int64)
         for metric, hits, among in (
             ("caught", caught, np.ones(len(grades), dtype=bool)),

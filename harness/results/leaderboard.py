@@ -303,7 +303,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:right}"
             "td:nth-child(2),th:nth-child(2){text-align:left}</style></head><body>"
             f"<h1>BehaviorBench leaderboard</h1><p>Runs on {html.escape(title(table))}.</p>"
-            + table.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0)
+            + table.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0, na_rep="")
             + column_help(COLUMN_HELP)
             + "<h2>Share of tasks with the right behavior, per task type</h2>"
             + type_chart(table)
@@ -319,6 +319,14 @@ def export(table: pd.DataFrame, path: Path, fmt: str, key: str) -> None:
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    cells = [[_cell(v) for v in row] for row in table.itertuples(index=False)]
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
+def _cell(value: object) -> str:
+    """A Markdown cell: floats to 3 decimals, and blank where a metric is undefined (NaN: e.g. `vague_or_wrong` of
+    an agent that never intervened)."""
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.3f}"
+    return str(value)

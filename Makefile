@@ -50,9 +50,14 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-# lm-evaluation-harness (the bench extra) runs beside the harness; SmolLM2 is imported from its PyPI package.
+# lm-evaluation-harness (the bench extra) and llama.cpp's server (the llamacpp extra, compiled on first install) run
+# beside the harness; SmolLM2 is imported from its PyPI package.
+# llama.cpp built for this CPU (GGML_NATIVE) segfaulted in its AMX matmul on the first request here (llama.cpp issue
+# 20824): build it for AVX2 instead.
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+
 bench: setup
-	$(PIP) -e ".[bench]"
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) -e ".[bench,llamacpp]"
 	# Left uncompiled, the extra's chardet (requests imports it, and so does `import ray`) took 1.2 s in every Ray
 	# worker and lm_eval process: the harness's first 532-task evaluation took 14 s instead of 10.
 	$(COMPILE)

@@ -27,6 +27,7 @@ import yaml
 
 from benchmarks.lm_eval_compare import OFFLINE, lm_eval_binary
 from benchmarks.whole_process import EXECUTION
+from harness.agents.loading import load_tokenizer
 from harness.agents.making import make_tiny
 from harness.cli.logs import LOG_DIR_ENV
 from harness.data.io import load_tasks
@@ -94,6 +95,7 @@ def harness_run(model: Path, data: Path, base_url: str, work: Path, concurrency:
 def lm_eval_run(model: Path, data: Path, base_url: str, work: Path, concurrency: int) -> float:
     """One `lm_eval --model local-chat-completions` process over the same conversations: its wall time."""
     name = "behaviorbench_chat"
+    eos = load_tokenizer(str(model)).eos_token
     work.mkdir(parents=True)
     with (work / "docs.jsonl").open("w") as handle:
         for messages in load_tasks(data, split="test")["messages"]:
@@ -107,7 +109,8 @@ def lm_eval_run(model: Path, data: Path, base_url: str, work: Path, concurrency:
         "output_type": "generate_until",
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "",
-        "generation_kwargs": {"until": [], "max_gen_toks": MAX_TOKENS, "do_sample": False, "temperature": 0.0},
+        # An empty stop list is refused by `transformers serve` (HTTP 400); the model's end of turn stops both clients.
+        "generation_kwargs": {"until": [eos], "max_gen_toks": MAX_TOKENS, "do_sample": False, "temperature": 0.0},
         "metric_list": [{"metric": "exact_match"}],
     }
     (work / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

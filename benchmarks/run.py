@@ -14,7 +14,8 @@
 5. An endpoint agent against lm-eval's `local-chat-completions` on one `transformers serve`
    (benchmarks/endpoint_compare.py).
 6. With `--smollm2`: what a SmolLM2 training epoch costs, LoRA on every layer against the top layers with the frozen
-   ones cached (benchmarks/train_cost.py).
+   ones cached (benchmarks/train_cost.py), and SmolLM2's decisions read through llama.cpp's top_logprobs against
+   the hf agent's (benchmarks/llama_cpp_agreement.py; the `llamacpp` extra).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import endpoint_compare, lm_eval_compare, train_cost, whole_process
+from benchmarks import endpoint_compare, llama_cpp_agreement, lm_eval_compare, train_cost, whole_process
 from benchmarks.memory import PeakMemory
 from harness.agents.encoding import encode, encode_example
 from harness.agents.loading import load_model, load_tokenizer
@@ -170,6 +171,7 @@ def main() -> None:
     processes = whole_process.section(work / "whole-process")
     endpoint = endpoint_compare.section(work / "endpoint")
     cost = train_cost.section(work / "train-cost", local_or_hub("smollm2", "--smollm2")) if args.smollm2 else ""
+    agreement = llama_cpp_agreement.section(work / "llama-cpp") if args.smollm2 else ""
     import ray
 
     ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR", log_to_driver=False)
@@ -264,6 +266,7 @@ def main() -> None:
         endpoint,
         "",
         *(["#### Training cost", "", cost, ""] if cost else []),
+        *(["#### Decisions through llama.cpp's top_logprobs", "", agreement, ""] if agreement else []),
         "#### Throughput against plain loops, and scaling",
         "",
         "| benchmark | result | ratio |",

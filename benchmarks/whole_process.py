@@ -6,7 +6,7 @@ the same tasks, at about 450 and about 4,500 test tasks.
 
 Three ways of running the harness, side by side with one `lm_eval --model hf` process:
 - cold: `harness eval` starts its own local Ray, as on a laptop with no cluster;
-- running cluster: `ray start --head` first (not timed), then `harness eval --address`;
+- running cluster: `ray start --head` first (not timed, with token auth), then `harness eval --address`;
 - cold, 1 replica: the agent's `replicas: 1`, the default before replicas filled the machine.
 
 The agent's replicas are left to fill the machine (one actor per free CPU), and it scores behavior tokens only
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from harness.cli.logs import LOG_DIR_ENV
 from harness.data.mini import write_sample
 from harness.data.taxonomy import load_taxonomy
 
-EXECUTION = re.compile(r"Execution finished in ([0-9.]+) seconds")
+EXECUTION = re.compile(r"execution finished in ([0-9.]+) seconds", re.IGNORECASE)
 RUNS = (("lm-eval", "lm-eval"), ("cold", "harness cold"), ("running", "running cluster"), ("one", "cold, 1 replica"))
 PORT = 6391  # the running cluster's GCS port: away from a default cluster's 6379
 
@@ -48,9 +49,16 @@ class Timed:
 
 
 def harness_eval(
-    model_dir: Path, data: Path, work: Path, name: str, replicas: int | None, address: str | None
+    model_dir: Path,
+    data: Path,
+    work: Path,
+    name: str,
+    replicas: int | None,
+    address: str | None,
+    auth: dict[str, str] | None = None,
 ) -> Timed:
-    """One `harness eval` process (cold when `address` is None) with one behaviorsft agent."""
+    """One `harness eval` process (cold when `address` is None; `auth`: the running cluster's token settings) with
+    one behaviorsft agent."""
     agent = {"name": "bsft", "model": str(model_dir), "mode": "behaviorsft", "batch_size": 16}
     if replicas is not None:
         agent["replicas"] = replicas
@@ -69,6 +77,7 @@ def harness_eval(
     command = [sys.executable, "-m", "harness.cli", "eval", "-c", str(out / "eval.yaml")]
     command += ["--address", address] if address else []
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # cold: no cluster to join
+    env |= auth or {}
     began = time.perf_counter()
     run = subprocess.run(command, cwd=out, capture_output=True, text=True, env={**env, LOG_DIR_ENV: str(out / "logs")})
     seconds = time.perf_counter() - began
@@ -81,8 +90,9 @@ def harness_eval(
     return Timed(seconds, max(executions, default=0.0), labels)
 
 
-def _ray(*args: str) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True)
+def _ray(*args: str, auth: dict[str, str] | None = None) -> None:
+    env = os.environ | (auth or {})
+    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True, env=env)
 
 
 def section(work: Path) -> str:
@@ -103,9 +113,11 @@ def section(work: Path) -> str:
         peer = run_lm_eval(model, task_dir, f"behaviorbench_wp_{key}", labels, work / "lm_eval" / key, 16)
         cold = harness_eval(model, data, work, f"cold-{key}", None, None)
         one = harness_eval(model, data, work, f"cold-one-{key}", 1, None)
-        _ray("start", "--head", f"--port={PORT}", "--disable-usage-stats")
+        # With token auth, as a cluster should run (and as `ray start --head` does anyway where ~/.ray/auth_token is).
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        _ray("start", "--head", f"--port={PORT}", "--disable-usage-stats", auth=auth)
         try:
-            warm = harness_eval(model, data, work, f"running-{key}", None, f"127.0.0.1:{PORT}")
+            warm = harness_eval(model, data, work, f"running-{key}", None, f"127.0.0.1:{PORT}", auth)
         finally:
             _ray("stop", "--force")
         n = len(peer.labels)

@@ -76,7 +76,7 @@ def _head_command(temp_dir: str, dashboard: int) -> tuple[dict[str, str], list[s
 
 
 @pytest.mark.slow
-def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(tmp_path, no_suite_ray):
+def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(tmp_path, tiny_model, no_suite_ray):
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
     laptop, node, stranger = tmp_path / "laptop", tmp_path / "node", tmp_path / "stranger"
@@ -128,6 +128,23 @@ def test_a_head_started_as_cluster_yaml_does_refuses_clients_without_the_token(t
         assert jobs(stranger, "token").returncode != 0  # token mode, but no token to send
         allowed = jobs(laptop, "token")
         assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]
+        # The harness joining it (the GCS address) without the token: one line that says what to do.
+        gcs = next(a for a in argv if a.startswith("--port=")).removeprefix("--port=")
+        train = ["train", "--address", f"127.0.0.1:{gcs}", f"model.name_or_path={tiny_model}"]
+        joined = subprocess.run(
+            [str(BIN / "harness"), *train, f"storage_path={tmp_path / 'runs'}"],
+            env={**base, "HOME": str(stranger), "RAY_AUTH_MODE": "disabled", "HARNESS_LOG_DIR": str(tmp_path / "logs")},
+            cwd=stranger,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (joined.returncode, joined.stderr) == (
+            1,
+            f"error: address 127.0.0.1:{gcs}: the cluster requires token authentication: set RAY_AUTH_MODE=token, "
+            "with the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (docs/clusters.md)\n",
+        )
+        assert not (tmp_path / "runs").exists()
     finally:
         stop_ray_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

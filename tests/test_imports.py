@@ -22,3 +22,13 @@ def test_importing_leaves_heavy_modules_out(modules: str, left_out: str):
     env = {**os.environ, "PYTHONPATH": str(Path(harness.__file__).parents[1])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_an_evaluation_records_its_hardware_without_importing_torch():
+    code = (
+        "import sys; from harness.results.run_record import run_record; "
+        "record = run_record({}, {}); print(isinstance(record['hardware']['gpus'], list), 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(harness.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["True", "False"], result.stderr

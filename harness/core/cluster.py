@@ -83,7 +83,24 @@ def connect(address: str | None = None, env_vars: dict[str, str] | None = None) 
                 f"running one, or unset RAY_ADDRESS to start a local cluster (waited {timeout:g} s; "
                 f"${CONNECT_TIMEOUT_ENV} sets how long)"
             )
-    ray.init(address=given or None, runtime_env={"env_vars": env_vars} if env_vars else None)
+    try:
+        ray.init(address=given or None, runtime_env={"env_vars": env_vars} if env_vars else None)
+    except ConnectionError as error:
+        if given and _refused_for_token(error):
+            raise ConfigError(
+                f"{source} {given}: the cluster requires token authentication: set RAY_AUTH_MODE=token, with the "
+                "cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (docs/clusters.md)"
+            ) from None
+        raise
+
+
+def _refused_for_token(error: BaseException | None) -> bool:
+    """Whether Ray's connection error (or one it was raised from) is a cluster refusing a client without its token."""
+    while error is not None:
+        if "InvalidAuthToken" in str(error) or "Authentication token is missing" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _missing(paths: list[str]) -> list[str]:

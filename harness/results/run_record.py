@@ -54,18 +54,30 @@ def versions() -> dict[str, str | None]:
 
 
 def hardware() -> dict[str, Any]:
-    """This machine: host, platform, CPU count, total memory and the names of its visible GPUs."""
-    import torch
-
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    """This machine: host, platform, CPU count, total memory and the names of its GPUs."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "host": platform.node(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "memory_gib": round(memory / 2**30, 1),
-        "gpus": gpus,
+        "gpus": gpu_names(),
     }
+
+
+def gpu_names() -> list[str]:
+    """The GPUs this process sees, through torch where the process has imported it (a training worker); else the
+    NVIDIA driver's list, so that a driver that never needed torch does not import it for this (2 s on a CPU)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    names = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        model = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("Model:")]
+        names += model[:1]
+    return names
 
 
 def _git(*args: str) -> str | None:

@@ -127,6 +127,14 @@ def test_over_and_missed_intervention_rates_match_a_hand_count():
     assert _value(table, "overall", "missed_intervention_rate", subset="hard").value == pytest.approx(1 / 3)
 
 
+def test_type_shares_are_the_share_right_within_each_task_type():
+    types = ["reactive", "restraint", "restraint", "restraint", "proactive", "proactive"]
+    gold = ["reactive", "reactive", "reactive", "reactive", "proactive", "proactive"]
+    pred = ["reactive", "proactive", "reactive", "reactive", "proactive", "reactive"]
+    shares = metrics.type_shares(types, gold, pred, prefix="dev_")
+    assert shares == {"dev_proactive": 0.5, "dev_reactive": 1.0, "dev_restraint": pytest.approx(2 / 3)}
+
+
 def test_case_bootstrap_keeps_a_case_together_and_widens_the_interval():
     cases = np.repeat(np.arange(100), 10)  # 100 cases of 10 tasks: a case is all right or all wrong
     right = np.repeat(np.arange(100) % 2 == 0, 10)

@@ -558,6 +558,7 @@ def test_two_concurrent_sweep_trials_share_the_cluster_and_carry_every_searched_
         searched = (trial["design.spelling"], trial.warmup_ratio)
         assert (trained["design"]["spelling"], trained["warmup_ratio"]) == searched
     assert stored.dev_macro_f1.between(0, 1).all() and stored.final_model.str.len().gt(0).all()
+    assert stored[["dev_reactive", "dev_proactive", "dev_restraint"]].stack().between(0, 1).all()
     assert list(stored.dev_macro_f1) == sorted(stored.dev_macro_f1, reverse=True)
     for trial in stored.trial_id:  # the driver's bar of each trial's steps, read from the bucket as they trained
         assert re.search(rf"^{trial} +━+ (\d+)/\1 ", run.stdout, re.MULTILINE), run.stdout[-3000:]

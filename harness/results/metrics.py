@@ -156,6 +156,14 @@ def macro_f1(gold: Sequence[str], pred: Sequence[str]) -> float:
     return float(_f1_from_counts(np.bincount(g * k + p, minlength=k * k).reshape(k, k)))
 
 
+def type_shares(types: Sequence[str], gold: Sequence[str], pred: Sequence[str], prefix: str = "") -> dict[str, float]:
+    """Per task type, the share of its tasks where the predicted behavior is the gold one (the leaderboard's type
+    columns), keyed `prefix + type`."""
+    right = np.asarray(gold, dtype=object) == np.asarray(pred, dtype=object)
+    kinds = np.asarray(types, dtype=object)
+    return {f"{prefix}{kind}": float(right[kinds == kind].mean()) for kind in sorted(set(types))}
+
+
 def _case_codes(predictions: pd.DataFrame) -> np.ndarray:
     if "case_id" in predictions.columns:
         return pd.factorize(predictions["case_id"])[0]

@@ -33,7 +33,7 @@ class Encode:
         self.cfg.design.add_to_tokenizer(self.tokenizer, self.taxonomy)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        columns = ("task_id", "input_ids", "labels", "prompt_ids", "gold_behavior", "split")
+        columns = ("task_id", "input_ids", "labels", "prompt_ids", "gold_behavior", "task_type", "split")
         cfg, out = self.cfg, {column: [] for column in columns}
         design = cfg.design if cfg.mode is Mode.BEHAVIORSFT else None
         strategy = DEFAULT_STRATEGY[cfg.mode]
@@ -46,6 +46,7 @@ class Encode:
             out["labels"].append(example["labels"])
             out["prompt_ids"].append(encode_prompt(self.tokenizer, prompt, cfg.max_length))  # as evaluation encodes
             out["gold_behavior"].append(row["gold_behavior"])
+            out["task_type"].append(batch["task_type"][i])
             out["split"].append(batch["split"][i])
             out["task_id"].append(batch["task_id"][i])
         return out

@@ -25,7 +25,7 @@ from harness.agents.selection import Mode, Selector, Strategy, label_behavior
 from harness.core.config import build, to_dict
 from harness.core.errors import ConfigError
 from harness.data.taxonomy import load_taxonomy
-from harness.results.metrics import macro_f1
+from harness.results.metrics import macro_f1, type_shares
 from harness.results.run_record import peak_bf16_flops, run_record, save_record
 from harness.results.tracking import NoTracker, Tracker, open_run
 from harness.train.config import LoraSettings, TrainConfig, deepspeed_config
@@ -216,7 +216,7 @@ class BehaviorSFTRecipe:
 
         cfg, module, tokenizer = self.cfg, self.engine.module, self.tokenizer
         device = next(module.parameters()).device
-        losses, gold, pred = [], [], []
+        losses, gold, pred, types = [], [], [], []
         selecting = cfg.mode is Mode.BEHAVIORSFT  # standard SFT has no behavior tokens: dev loss only
         selector = (
             Selector(module, tokenizer, self.taxonomy, cfg.mode, Strategy.BEHAVIOR_TOKEN, cfg.design)
@@ -235,10 +235,12 @@ class BehaviorSFTRecipe:
                 losses.append(loss)
                 pred += chosen
                 gold += [r["gold_behavior"] for r in chunk] if selector else []
+                types += [r["task_type"] for r in chunk] if selector else []
         module.train()
         metrics = {"dev_loss": sum(losses) / max(len(losses), 1)}
         if gold:
             metrics["dev_macro_f1"] = macro_f1(gold, pred)
+            metrics |= type_shares(types, gold, pred, prefix="dev_")
         return metrics
 
     def _select(self, selector: Selector | None, chunk: list[dict[str, Any]]) -> list[str]:

@@ -48,6 +48,7 @@ class SchedulerSettings:
 
 # What a trial reports that a sweep can rank by: rank 0's dev metrics and its latest training loss.
 SWEEP_METRICS = ("dev_macro_f1", "dev_loss", "loss")
+DEV_TYPE_PREFIX = "dev_"  # a trial's other dev metrics: the share right per task type (dev_restraint, ...)
 # How the sweep and its trials run, not what they find.
 SWEEP_RUNTIME_KEYS = ("address", "max_concurrent_trials", "trial_cpus", *(f"train.{key}" for key in RUNTIME_KEYS))
 
@@ -193,6 +194,7 @@ def _ranked_trials(results, cfg: SweepConfig) -> list[dict[str, Any]]:
                 "dev_macro_f1": metrics.get("dev_macro_f1"),
                 "dev_loss": metrics.get("dev_loss"),
                 "initial_dev_macro_f1": metrics.get("initial_dev_macro_f1"),
+                **{k: v for k, v in metrics.items() if k.startswith(DEV_TYPE_PREFIX) and k not in SWEEP_METRICS},
                 "epochs_done": metrics.get("training_iteration"),
                 "checkpoint": metrics.get("checkpoint_path", ""),
                 "final_model": str(final) if exported else "",
@@ -222,7 +224,8 @@ def _outcome(record: dict[str, Any]) -> dict[str, Any]:
 
 def summary(table: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
     """The ranked trials' columns a terminal shows: id, design, searched keys, dev metrics and status."""
-    shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", "initial_dev_macro_f1", "status"]
+    types = [c for c in table.columns if c.startswith(DEV_TYPE_PREFIX) and c not in SWEEP_METRICS]
+    shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", *types, "initial_dev_macro_f1", "status"]
     return table[[c for c in dict.fromkeys(shown) if c in table.columns]]
 
 

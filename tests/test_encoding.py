@@ -45,6 +45,7 @@ def task(text: str) -> dict[str, list]:
         "messages": messages(text),
         "category": "risk_identification",
         "gold_behavior": "proactive",
+        "task_type": "proactive",
         "reference": f"Caution: {text} the patient is allergic.",
         "split": "train",
     }

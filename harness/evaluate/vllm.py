@@ -147,7 +147,7 @@ def vllm_pipeline(tasks: ray.data.Dataset, agent: ResolvedAgent, cfg: EvalConfig
         model_source=agent.model_path,
         engine_kwargs={
             "max_model_len": cfg.max_prompt_tokens + 1,
-            "dtype": spec.dtype,
+            "dtype": "bfloat16" if spec.dtype == "bfloat16_if_native" else spec.dtype,  # vLLM runs on GPUs
             "trust_remote_code": spec.trust_remote_code,
         },
         batch_size=spec.batch_size,

@@ -37,7 +37,7 @@ class ModelSettings:
     """Which model to load and how."""
 
     name_or_path: str = TINY_MODEL
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"  # one of harness.agents.loading.DTYPES
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -203,7 +203,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, total_steps: int) -> dic
             },
         },
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.use_gpu and cfg.model.dtype in ("auto", "bfloat16")},
+        "bf16": {"enabled": cfg.use_gpu and cfg.model.dtype in ("auto", "bfloat16_if_native", "bfloat16")},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,6 @@ class SchedulerSettings:
 
 # What a trial reports that a sweep can rank by: rank 0's dev metrics and its latest training loss.
 SWEEP_METRICS = ("dev_macro_f1", "dev_loss", "loss")
-DEV_TYPE_PREFIX = "dev_"  # a trial's other dev metrics: the share right per task type (dev_restraint, ...)
 # How the sweep and its trials run, not what they find.
 SWEEP_RUNTIME_KEYS = ("address", "max_concurrent_trials", "trial_cpus", *(f"train.{key}" for key in RUNTIME_KEYS))
 
@@ -176,6 +176,12 @@ def run_trial(config: dict[str, Any]) -> None:
     train(cfg, callbacks=[TuneReportCallback()])
 
 
+def dev_type_keys(keys: Iterable[str]) -> list[str]:
+    """The keys among `keys` of a trial's dev share right per task type (`dev_restraint`, ...): its dev metrics
+    other than those a sweep ranks by."""
+    return [key for key in keys if key.startswith("dev_") and key not in SWEEP_METRICS]
+
+
 def _ranked_trials(results, cfg: SweepConfig) -> list[dict[str, Any]]:
     """One record per trial, best first by `cfg.metric` (ties broken by trial id: the same ranking on every
     restore). `searched` holds the searched keys' typed values, which the training after the sweep takes."""
@@ -194,7 +200,7 @@ def _ranked_trials(results, cfg: SweepConfig) -> list[dict[str, Any]]:
                 "dev_macro_f1": metrics.get("dev_macro_f1"),
                 "dev_loss": metrics.get("dev_loss"),
                 "initial_dev_macro_f1": metrics.get("initial_dev_macro_f1"),
-                **{k: v for k, v in metrics.items() if k.startswith(DEV_TYPE_PREFIX) and k not in SWEEP_METRICS},
+                **{k: metrics[k] for k in dev_type_keys(metrics)},
                 "epochs_done": metrics.get("training_iteration"),
                 "checkpoint": metrics.get("checkpoint_path", ""),
                 "final_model": str(final) if exported else "",
@@ -224,7 +230,7 @@ def _outcome(record: dict[str, Any]) -> dict[str, Any]:
 
 def summary(table: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
     """The ranked trials' columns a terminal shows: id, design, searched keys, dev metrics and status."""
-    types = [c for c in table.columns if c.startswith(DEV_TYPE_PREFIX) and c not in SWEEP_METRICS]
+    types = dev_type_keys(table.columns)
     shown = ["trial_id", "design", *cfg.search_space, "dev_macro_f1", *types, "initial_dev_macro_f1", "status"]
     return table[[c for c in dict.fromkeys(shown) if c in table.columns]]
 

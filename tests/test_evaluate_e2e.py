@@ -93,6 +93,8 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     assert (zero.answer[~graded] == "").all()  # a choice prompt asks for a letter: no answer is generated
     assert (bsft.case_id == bsft.task_id.map(dict(zip(tasks.task_id, tasks.case_id, strict=True)))).all()
     assert set(table.agent) == {"zero-shot", "bsft"}
+    # Both agents (half a CPU each) share one pool, which fills the 2 free CPUs with 2 actors.
+    assert [json.loads(p.read_text())["actors"] for p in sorted(out.glob("*.record.json"))] == [2, 2]
     before = leaderboard.read(cfg.leaderboard)
     parts = sorted(out.glob("*/part-*.parquet"))
     # Several parts per agent: progress is kept as it comes. 48 tasks in parts of 16 leave no short last part,

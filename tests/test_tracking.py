@@ -176,14 +176,17 @@ def test_an_evaluation_is_recorded_and_tracked_in_one_run_per_agent_run(tmp_path
     agent = ResolvedAgent(spec, "/models/tiny", None, "abc123")
     cfg = EvalConfig(agents=[spec], output_dir=str(out))
     metrics = score(_predictions(), samples=20)
-    record_evaluation(cfg, agent, "fingerprint1", metrics, predictions)
+    record_evaluation(cfg, agent, "fingerprint1", metrics, predictions, actors=2)
     record_file = out / "zs-abc123.record.json"
     record = {**json.loads(record_file.read_text()), "job": "first"}
     record_file.write_text(json.dumps(record))
-    record_evaluation(cfg, agent, "fingerprint1", metrics, predictions)  # a re-run scores the same agent run again
+    record_evaluation(
+        cfg, agent, "fingerprint1", metrics, predictions, actors=1
+    )  # a re-run scores the same agent run again
     assert json.loads(record_file.read_text()) == record  # kept: it is the record of the job that predicted
 
     assert record["batch"] == {"batch_size": 16, "part_size": 256} and record["seeds"] == {"bootstrap": 0}
+    assert record["actors"] == 2
     runs = _search((tmp_path / "mlruns").as_uri(), "eval")
     assert len(runs) == 1
     run = runs.iloc[0]

@@ -96,12 +96,16 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     out = location(cfg.output_dir, "output_dir")
     stores = {a.spec.name: PredictionStore(out, a.key) for a in agents}
     connect(cfg.address)
+    # Read before any Ray task runs: Ray Data's own metadata tasks (from_arrow_refs) leave the cluster's view of its
+    # free CPUs stale for a moment after they finish, and replicas sized then would leave the machine half idle.
+    free = ray.available_resources()
     models = {f"agent {a.spec.name}: model": a.model_path for a in agents}
     check_reachable({"data": cfg.data, "taxonomy": cfg.taxonomy, **models})
     proactive: list[dict[str, Any]] = []
     tasks, planned = _planned_tasks(cfg, taxonomy, out, proactive)
 
     pipelines, remaining, done = [], {}, {}
+    actors: dict[str, int] = {}  # the actors each agent that runs now has: its run record says how it ran
     for agent in agents:
         store = stores[agent.spec.name]
         if store.finished:
@@ -113,9 +117,11 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
 
             todo = tasks.filter(expr=col("task_id").not_in(sorted(done[agent.spec.name])), num_cpus=PREP_CPUS)
             pipelines.append(vllm_pipeline(todo, agent, cfg))
+            actors[agent.spec.name] = agent.spec.replicas or 1
     ledgers = {}
     for agent in (a for a in agents if a.spec.name in done and a.spec.backend == "endpoint"):
         settings, name = agent.spec.endpoint, agent.spec.name
+        actors[name] = agent.spec.replicas or 1
         ledgers[name] = (
             ray.remote(num_cpus=0)(Ledger)
             .options(max_concurrency=1)
@@ -141,7 +147,8 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         )
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     groups = actor_groups([a for a in agents if a.spec.name in done and a.spec.backend == "hf"], nodes)
-    for group, count in zip(groups, replicas(groups, ray.available_resources()), strict=True):
+    for group, count in zip(groups, replicas(groups, free), strict=True):
+        actors |= {agent.spec.name: count for agent in group}
         demand = actor_demand(group)
         # No Ray Data operator between the materialized tasks and the actors: a task of one could wait forever
         # for CPUs the actors hold.
@@ -215,9 +222,8 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         )
     table = pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(columns=leaderboard.COLUMNS)
     for agent in finished:
-        record_evaluation(
-            cfg, agent, dataset_id, scored[agent.spec.name], stores[agent.spec.name], usage.get(agent.spec.name)
-        )
+        name = agent.spec.name
+        record_evaluation(cfg, agent, dataset_id, scored[name], stores[name], actors.get(name), usage.get(name))
     return EvalResult(table, list(failures.values()), notes)
 
 
@@ -336,17 +342,19 @@ def record_evaluation(
     dataset_id: str,
     metrics: pd.DataFrame,
     store: PredictionStore,
+    actors: int | None,
     usage: dict[str, float] | None = None,
 ) -> None:
-    """Write the agent run's record beside its final predictions (once; an endpoint agent's `endpoint_usage`, what
-    this job spent, each time) and track the evaluation: one run per agent run id in experiment "eval", with its
-    params, its leaderboard metrics (`<subset>/<slice>/<metric>` and their `.ci_low`/`.ci_high`, and an endpoint's
-    `endpoint/<count>`) and the predictions file as an artifact."""
+    """Write the agent run's record beside its final predictions (once, with the `actors` this job ran it on; an
+    endpoint agent's `endpoint_usage`, what this job spent, each time) and track the evaluation: one run per agent
+    run id in experiment "eval", with its params, its leaderboard metrics (`<subset>/<slice>/<metric>` and their
+    `.ci_low`/`.ci_high`, and an endpoint's `endpoint/<count>`) and the predictions file as an artifact."""
     spec = agent.spec
     if store.record.exists():  # predictions made by an earlier job: its record describes them
         record = json.loads(store.record.read_text())
     else:  # the bootstrap seed is harness.results.metrics.score_agents' default, which evaluate() uses
         record = run_record({"batch_size": spec.batch_size, "part_size": cfg.part_size}, {"bootstrap": 0})
+        record["actors"] = actors
     if usage is not None:
         record["endpoint_usage"] = usage
     if usage is not None or not store.record.exists():

@@ -180,9 +180,8 @@ def test_an_evaluation_is_recorded_and_tracked_in_one_run_per_agent_run(tmp_path
     record_file = out / "zs-abc123.record.json"
     record = {**json.loads(record_file.read_text()), "job": "first"}
     record_file.write_text(json.dumps(record))
-    record_evaluation(
-        cfg, agent, "fingerprint1", metrics, predictions, actors=1
-    )  # a re-run scores the same agent run again
+    # A re-run scores the same agent run again.
+    record_evaluation(cfg, agent, "fingerprint1", metrics, predictions, actors=1)
     assert json.loads(record_file.read_text()) == record  # kept: it is the record of the job that predicted
 
     assert record["batch"] == {"batch_size": 16, "part_size": 256} and record["seeds"] == {"bootstrap": 0}

@@ -138,7 +138,7 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
                     "responses": stores[name].responses,
                 },
                 batch_size=cfg.part_size,
-                compute=ray.data.ActorPoolStrategy(size=agent.spec.replicas or 1),
+                compute=ray.data.ActorPoolStrategy(size=actors[name]),
                 num_cpus=agent.spec.num_cpus,
                 resources=agent.spec.resources,
                 max_restarts=BATCH_TRIES,

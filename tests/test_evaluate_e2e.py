@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,9 +56,25 @@ def _config(sample, tiny_model, behavior_model, tmp_path, **extra) -> dict:
     }
 
 
+class _Holder:
+    def ready(self) -> bool:
+        return True
+
+
+def _a_job_ending_as_this_one_starts(ray) -> threading.Timer:
+    """An actor that holds a CPU when the evaluation starts and ends 3 s into it."""
+    holder = ray.remote(num_cpus=1)(_Holder).remote()
+    ray.get(holder.ready.remote())
+    ending = threading.Timer(3.0, ray.kill, args=(holder,))
+    ending.start()
+    return ending
+
+
 def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, behavior_model, tmp_path, ray_local):
     cfg = config.build(EvalConfig, _config(sample, tiny_model, behavior_model, tmp_path, part_size=16))
+    ending = _a_job_ending_as_this_one_starts(ray_local)
     result = evaluate(cfg)
+    ending.join()
     assert result.failures == []
     table = result.metrics
     leaderboard.append(cfg.leaderboard, table)
@@ -93,7 +110,8 @@ def test_two_agents_in_parallel_then_a_rerun_does_nothing(sample, tiny_model, be
     assert (zero.answer[~graded] == "").all()  # a choice prompt asks for a letter: no answer is generated
     assert (bsft.case_id == bsft.task_id.map(dict(zip(tasks.task_id, tasks.case_id, strict=True)))).all()
     assert set(table.agent) == {"zero-shot", "bsft"}
-    # Both agents (half a CPU each) share one pool, which fills the 2 free CPUs with 2 actors.
+    # Both agents (half a CPU each) share one pool, which fills the cluster's 2 CPUs with 2 actors, though one was
+    # held when the job started: the second actor starts once it frees.
     assert [json.loads(p.read_text())["actors"] for p in sorted(out.glob("*.record.json"))] == [2, 2]
     before = leaderboard.read(cfg.leaderboard)
     parts = sorted(out.glob("*/part-*.parquet"))

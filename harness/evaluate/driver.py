@@ -96,9 +96,6 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
     out = location(cfg.output_dir, "output_dir")
     stores = {a.spec.name: PredictionStore(out, a.key) for a in agents}
     connect(cfg.address)
-    # Read before any Ray task runs: Ray Data's own metadata tasks (from_arrow_refs) leave the cluster's view of its
-    # free CPUs stale for a moment after they finish, and replicas sized then would leave the machine half idle.
-    free = ray.available_resources()
     models = {f"agent {a.spec.name}: model": a.model_path for a in agents}
     check_reachable({"data": cfg.data, "taxonomy": cfg.taxonomy, **models})
     proactive: list[dict[str, Any]] = []
@@ -147,7 +144,11 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
         )
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     groups = actor_groups([a for a in agents if a.spec.name in done and a.spec.backend == "hf"], nodes)
-    for group, count in zip(groups, replicas(groups, free), strict=True):
+    # Sized from what the cluster holds, not from a snapshot of its free resources: that view lags (Ray Data's own
+    # metadata tasks, or the actors of a job that just ended, still count as holding CPUs for a moment), and a pool
+    # actor with no CPU free yet simply starts once one frees.
+    capacity = ray.cluster_resources()
+    for group, count in zip(groups, replicas(groups, capacity), strict=True):
         actors |= {agent.spec.name: count for agent in group}
         demand = actor_demand(group)
         # No Ray Data operator between the materialized tasks and the actors: a task of one could wait forever

@@ -187,15 +187,15 @@ def actor_groups(agents: list[ResolvedAgent], nodes: list[dict[str, float]]) -> 
     return groups
 
 
-def replicas(groups: list[list[ResolvedAgent]], free: dict[str, float]) -> list[int]:
-    """Each group's actors: what its agents set, else as many as fill the `free` GPUs (a GPU group) or CPUs left by
-    the other groups, shared evenly by the groups that set none (at least one each)."""
+def replicas(groups: list[list[ResolvedAgent]], capacity: dict[str, float]) -> list[int]:
+    """Each group's actors: what its agents set, else as many as fill the cluster's `capacity` of GPUs (a GPU group)
+    or CPUs left by the other groups, shared evenly by the groups that set none (at least one each)."""
     kinds = ["GPU" if actor_demand(group)["GPU"] else "CPU" for group in groups]
     counts: list[int | None] = [group[0].spec.replicas for group in groups]
-    for kind in ("GPU", "CPU"):  # GPU groups first: their actors' CPUs are not free for the others
+    for kind in ("GPU", "CPU"):  # GPU groups first: their actors' CPUs are not left for the others
         open_ = [i for i, count in enumerate(counts) if count is None and kinds[i] == kind]
         taken = sum(actor_demand(groups[i])[kind] * count for i, count in enumerate(counts) if count is not None)
         wanted = sum(actor_demand(groups[i])[kind] for i in open_)
         for i in open_:
-            counts[i] = max(1, int((free.get(kind, 0.0) - taken) // wanted)) if wanted else 1
+            counts[i] = max(1, int((capacity.get(kind, 0.0) - taken) // wanted)) if wanted else 1
     return [int(count) for count in counts]

@@ -79,7 +79,7 @@ class AgentSpec:
     mode: Mode = Mode.ZERO_SHOT
     strategy: Strategy | None = None  # behavior_token, generate or choice; None: the mode's default
     design: TokenDesign | None = None  # behaviorsft: read from the model directory when absent (endpoint: default)
-    replicas: int | None = None  # actors; None: as many as the cluster's free CPUs (GPUs) allow (hf), else 1
+    replicas: int | None = None  # actors; None: as many as the cluster's CPUs (GPUs) hold (hf), else 1
     num_cpus: float | None = None  # per actor; None: 1, or 0.25 for an endpoint agent (it waits on the network)
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {node_b: 1}

@@ -9,7 +9,7 @@ Three ways of running the harness, side by side with one `lm_eval --model hf` pr
 - running cluster: `ray start --head` first (not timed, with token auth), then `harness eval --address`;
 - cold, 1 replica: the agent's `replicas: 1`, the default before replicas filled the machine.
 
-The agent's replicas are left to fill the machine (one actor per free CPU), and it scores behavior tokens only
+The agent's replicas are left to fill the machine (one actor per CPU of the cluster), and it scores behavior tokens only
 (`answers: false`, `content: false`), as lm-eval's `multiple_choice` task does. The marginal rate is the slope
 between the two sizes; the rest of a command's time is its fixed start-up. From each harness log: Ray Data's own
 execution time of the evaluation, so start-up (imports, Ray, actors) and the evaluation can be told apart.

@@ -113,8 +113,8 @@ def evaluate(cfg: EvalConfig, progress=None) -> EvalResult:
             from harness.evaluate.vllm import vllm_pipeline  # imports ray.data.llm, GPU nodes only
 
             todo = tasks.filter(expr=col("task_id").not_in(sorted(done[agent.spec.name])), num_cpus=PREP_CPUS)
-            pipelines.append(vllm_pipeline(todo, agent, cfg))
             actors[agent.spec.name] = agent.spec.replicas or 1
+            pipelines.append(vllm_pipeline(todo, agent, cfg, actors[agent.spec.name]))
     ledgers = {}
     for agent in (a for a in agents if a.spec.name in done and a.spec.backend == "endpoint"):
         settings, name = agent.spec.endpoint, agent.spec.name

@@ -132,8 +132,8 @@ def prediction_row(
     return {key: values[0] for key, values in batch.items()}
 
 
-def vllm_pipeline(tasks: ray.data.Dataset, agent: ResolvedAgent, cfg: EvalConfig) -> ray.data.Dataset:
-    """The agent's predictions over `tasks` as a Ray Data pipeline: encode prompts, one vLLM step, parse."""
+def vllm_pipeline(tasks: ray.data.Dataset, agent: ResolvedAgent, cfg: EvalConfig, engines: int) -> ray.data.Dataset:
+    """The agent's predictions over `tasks` as a Ray Data pipeline: encode prompts, `engines` vLLM actors, parse."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -151,7 +151,7 @@ def vllm_pipeline(tasks: ray.data.Dataset, agent: ResolvedAgent, cfg: EvalConfig
             "trust_remote_code": spec.trust_remote_code,
         },
         batch_size=spec.batch_size,
-        concurrency=spec.replicas or 1,
+        concurrency=engines,
         should_continue_on_error=True,
         chat_template_stage=False,  # prompts arrive rendered and tokenized, exactly as on the hf backend
         tokenize_stage=False,
